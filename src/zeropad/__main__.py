@@ -1,0 +1,3 @@
+from zeropad.cli import main
+
+main()

@@ -1,0 +1,197 @@
+"""One typed config schema: YAML file + dotted CLI overrides, validated once.
+
+Unknown keys and bad values raise ConfigError naming the key (and the closest valid key).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zeropad.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str | None = Field(None, description="Local Hugging Face model directory (config.json, weights, tokenizer).")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Architecture for a model trained from scratch ({model_type: qwen3, hidden_size: ...}); "
+        "with `path`, overrides applied to its config.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer directory; defaults to model.path.")
+    attn_implementation: str = Field(
+        "zeropad_varlen", description="zeropad_varlen (packed, no padding) or any transformers backend."
+    )
+    trust_remote_code: bool = Field(False, description="Allow code from the model directory to run.")
+
+
+class SourceConfig(_Strict):
+    path: str = Field(description="JSON, JSONL, parquet file, or a datasets.save_to_disk directory.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
+        "auto", description="Record format; auto detects from the first record's keys."
+    )
+    weight: float = Field(1.0, gt=0, description="Samples drawn per epoch = weight x source size (seeded).")
+
+
+class DataConfig(_Strict):
+    sources: list[SourceConfig] = Field(default_factory=list, description="Datasets to mix.")
+    on_bad_sample: Literal["error", "skip"] = Field(
+        "error", description="error: stop before training, listing problems; skip: skip and count them."
+    )
+    train_on_prompt: bool = Field(False, description="Also train on system/user tokens (default: assistant only).")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    cache_dir: str | None = Field(None, description="Tokenized-sample cache (default ~/.cache/zeropad).")
+    num_workers: int = Field(2, ge=0, description="Tokenizer worker processes (0 = in-process).")
+
+
+class PackConfig(_Strict):
+    max_tokens: int = Field(8192, gt=0, description="Real tokens per micro-step (the pack budget).")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with samples over max_tokens.")
+    streaming: bool = Field(False, description="Pack a bounded window of samples at a time (data larger than memory).")
+    buffer_samples: int = Field(10000, gt=0, description="Window size for streaming packing.")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(100, gt=0, description="Optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of lr (cosine).")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off).")
+    grad_accum: int = Field(1, gt=0, description="Micro-steps (packs) per optimizer step.")
+    seed: int = Field(0, description="Seed for init, shuffling and sampling.")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights stay fp32).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
+
+
+class EvalConfig(_Strict):
+    split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training samples held out for eval.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="Separate eval datasets.")
+    every_steps: int = Field(0, ge=0, description="Eval every N steps (0 = only at the end).")
+
+
+class LogConfig(_Strict):
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to OUTPUT_DIR/tb.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    peak_tflops: float | None = Field(None, description="Device peak TFLOP/s for MFU (auto-detected on known GPUs).")
+
+
+class Config(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    output_dir: str = Field("runs/zeropad", description="Where metrics, plots, checkpoints and the model go.")
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The schema class that holds the key at `path` (skipping list indices)."""
+    cls: Any = Config
+    for part in path[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        cls = inner[0] if inner and isinstance(inner[0], type) else ann
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(e["loc"])
+            valid = list(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+            lines.append(f"unknown key '{key}'{hint}")
+        else:
+            lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "config error: " + "; ".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.steps=10', 'pack.max_tokens=4096'] -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None) -> Config:
+    merged = _merge(data or {}, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Read a YAML config (or start from `base`), apply dotted overrides, validate.
+
+    Relative data/model paths in a YAML file stay relative to the working directory, as users type them.
+    """
+    data: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: invalid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = _merge(data, loaded)
+    return build_config(data, overrides)
+
+
+def describe_keys() -> str:
+    """Every key with its default and description, for `zeropad train --help` and the README."""
+    rows = []
+    for section, field in Config.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            for name, sub in ann.model_fields.items():
+                default = "[]" if sub.default_factory is list else ("{}" if sub.default_factory is dict else sub.default)
+                rows.append(f"{section}.{name} = {default!r}: {sub.description}")
+        else:
+            rows.append(f"{section} = {field.default!r}: {field.description}")
+    return "\n".join(rows)
