@@ -1,0 +1,116 @@
+"""Varlen attention over packed documents, registered in transformers' public attention registries.
+
+A pack is one flat sequence [1, T] of documents; `cu_seq_lens_q/k` (int32, n_docs+1) and
+`max_length_q/k` (int) describe the document boundaries. They arrive through the model's forward
+kwargs, computed once per pack on the host (pack/collate.py), never per layer.
+
+Backends, by availability: flash-attn varlen (CUDA, if installed), torch's varlen_attn (CUDA),
+per-document SDPA (CPU and fallback). Tensor suffixes: B batch (=1), H heads, T tokens, D head dim.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+
+ATTN_NAME = "zeropad_varlen"
+
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+def _backend(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "sdpa_per_doc"
+    if _HAS_FLASH_ATTN:
+        return "flash_attn"
+    return "torch_varlen"
+
+
+def _sdpa_per_doc(q_HTD, k_HTD, v_HTD, cu_seqlens, scaling, sliding_window) -> torch.Tensor:
+    """Causal SDPA on each document's slice: exact, and never builds a [T, T] mask."""
+    bounds = cu_seqlens.tolist()
+    gqa = q_HTD.shape[0] != k_HTD.shape[0]
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = q_HTD[:, start:end], k_HTD[:, start:end], v_HTD[:, start:end]
+        if sliding_window is None:
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
+        else:
+            pos = torch.arange(end - start, device=q.device)
+            dist = pos[:, None] - pos[None, :]
+            mask = (dist >= 0) & (dist < sliding_window)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+    return torch.cat(outs, dim=1)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query/key/value: [1, H, T, D]; returns ([1, T, H, D], None) as transformers expects."""
+    assert query.shape[0] == 1, "packed attention expects one flat sequence per micro-step (batch size 1)"
+    T = query.shape[2]
+    if cu_seq_lens_q is None:  # a single unpacked document (e.g. generation without packing kwargs)
+        cu_seq_lens_q = torch.tensor([0, T], dtype=torch.int32, device=query.device)
+        max_length_q = T
+    assert cu_seq_lens_k is None or cu_seq_lens_k is cu_seq_lens_q or torch.equal(cu_seq_lens_k, cu_seq_lens_q), (
+        "self-attention over packs needs identical query and key boundaries"
+    )
+    assert attention_mask is None, "zeropad_varlen takes no attention mask: documents are given by cu_seq_lens"
+    dropout = dropout if module.training else 0.0
+    assert dropout == 0.0, "attention dropout is not supported by the packed attention"
+
+    backend = _backend(query.device)
+    if backend == "sdpa_per_doc":
+        out_HTD = _sdpa_per_doc(query[0], key[0], value[0], cu_seq_lens_q, scaling, sliding_window)
+        return out_HTD.transpose(0, 1).unsqueeze(0), None
+
+    q_THD, k_THD, v_THD = (x[0].transpose(0, 1) for x in (query, key, value))
+    cu = cu_seq_lens_q.to(torch.int32)
+    window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        out_THD = flash_attn_varlen_func(
+            q_THD, k_THD, v_THD, cu, cu, max_length_q, max_length_q,
+            softmax_scale=scaling, causal=True, window_size=window,
+        )
+    else:
+        from torch.nn.attention.varlen import varlen_attn
+
+        if sliding_window is None:
+            window = (-1, 0)  # causal
+        out_THD = varlen_attn(
+            q_THD, k_THD, v_THD, cu, cu, max_length_q, max_length_q,
+            scale=scaling, window_size=window, enable_gqa=q_THD.shape[1] != k_THD.shape[1],
+        )
+    return out_THD.unsqueeze(0), None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    # Documents are separated by cu_seq_lens, so no [T, T] mask is ever built.
+    return None
+
+
+def register() -> str:
+    """Register under both registries (a name missing from the mask registry silently gets no mask)."""
+    AttentionInterface.register(ATTN_NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    return ATTN_NAME
+
+
+register()

@@ -1,0 +1,66 @@
+"""Build the model and tokenizer: from a local Hugging Face directory, or from a config (from scratch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from zeropad.config import ModelConfig
+from zeropad.errors import ConfigError, ZeropadError
+from zeropad.model import attention  # noqa: F401  (registers the zeropad_varlen attention)
+
+
+def _model_dir(cfg: ModelConfig) -> Path | None:
+    if cfg.path is None:
+        return None
+    path = Path(cfg.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} is not a Hugging Face model directory (no config.json there)")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    source = cfg.tokenizer or cfg.path
+    if source is None:
+        raise ConfigError("model.tokenizer: no tokenizer given (set model.tokenizer or model.path)")
+    if not Path(source).expanduser().is_dir():
+        raise ConfigError(f"model.tokenizer: tokenizer directory not found: {source}")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ZeropadError(f"{source}: the tokenizer has no eos_token; add one to tokenizer_config.json")
+    return tokenizer
+
+
+def build_model_config(cfg: ModelConfig) -> PretrainedConfig:
+    path = _model_dir(cfg)
+    overrides = dict(cfg.config)
+    if path is not None:
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **overrides)
+    if "model_type" not in overrides:
+        raise ConfigError("model.config.model_type: needed to build a model from scratch (e.g. qwen3)")
+    model_type = overrides.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **overrides)
+    except ValueError as err:
+        raise ConfigError(f"model.config.model_type: {err}") from None
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> PreTrainedModel:
+    """fp32 weights (bf16 runs use autocast); the attention backend is chosen by name, not patched in."""
+    path = _model_dir(cfg)
+    config = build_model_config(cfg)
+    torch.manual_seed(seed)
+    if path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=torch.float32,
+            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32,
+            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+        )
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,235 @@
+"""Bin packing of samples into packs of at most `max_tokens` tokens.
+
+A pack is a list of sample indices whose lengths sum to at most `max_tokens`; collate turns it
+into one flat sequence with no padding. The fewer packs, the fewer wasted token slots, so the
+planner uses best-fit-decreasing (BFD): place the longest samples first, each into the open
+pack whose remaining capacity is the smallest that still fits it. Like first-fit-decreasing,
+BFD uses at most 11/9 OPT + O(1) packs (Johnson 1973); on training-length distributions it
+lands within a fraction of a percent of the lower bound ceil(total / max_tokens).
+
+Speed: remaining capacities are integers in [0, max_tokens], so the open packs are grouped by
+remaining capacity: a sorted list of the *distinct* capacities (searched with bisect) and a
+dict capacity -> min-heap of pack ids (so ties go to the earliest pack). Each placement is one
+bisect, a heap pop/push and, when a capacity value appears or disappears, one insertion into or
+deletion from a list of at most max_tokens + 1 ints. 1M samples pack in about a second.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+# stream_packs: a window's packs filled below this fraction are candidates for carrying into
+# the next window, where new samples can top them up.
+CARRY_BELOW_FILL = 0.98
+# stream_packs: at most this fraction of buffer_size samples is carried, bounding memory.
+CARRY_MAX_FRACTION = 0.25
+
+
+def _check_lengths(lengths: Sequence[int] | np.ndarray, max_tokens: int) -> np.ndarray:
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    lengths_N = np.asarray(lengths)
+    if lengths_N.ndim != 1:
+        raise ValueError(f"lengths must be one-dimensional, got shape {lengths_N.shape}")
+    if lengths_N.size == 0:
+        return lengths_N.astype(np.int64)
+    if not np.issubdtype(lengths_N.dtype, np.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths_N.dtype}")
+    lengths_N = lengths_N.astype(np.int64)
+    too_long = np.flatnonzero(lengths_N > max_tokens)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(
+            f"sample {i} has {int(lengths_N[i])} tokens, more than max_tokens={max_tokens} "
+            f"({too_long.size} sample(s) too long): raise max_tokens or truncate/drop them"
+        )
+    negative = np.flatnonzero(lengths_N < 0)
+    if negative.size:
+        i = int(negative[0])
+        raise ValueError(f"sample {i} has negative length {int(lengths_N[i])}")
+    return lengths_N
+
+
+def plan_packs(lengths: Sequence[int] | np.ndarray, max_tokens: int) -> list[list[int]]:
+    """Best-fit-decreasing: indices of samples per pack.
+
+    Every length must be <= max_tokens (ValueError otherwise). Deterministic: samples are
+    placed in order of decreasing length, ties broken by index (stable sort); among open packs
+    with the same remaining capacity the earliest opened one is used. Within a pack,
+    indices are in placement order (longest first). Packs are in the order they were opened.
+    """
+    lengths_N = _check_lengths(lengths, max_tokens)
+    if lengths_N.size == 0:
+        return []
+    order = np.argsort(-lengths_N, kind="stable")
+    sorted_lengths = lengths_N[order].tolist()
+    order_list = order.tolist()
+    # Samples come longest first, so a pack whose remaining capacity is below the shortest
+    # sample can never take another one: stop tracking it.
+    min_len = sorted_lengths[-1]
+
+    packs: list[list[int]] = []
+    caps: list[int] = []  # distinct remaining capacities of open packs, ascending
+    open_by_cap: dict[int, list[int]] = {}  # remaining capacity -> min-heap of pack ids
+    bisect_left, insort = bisect.bisect_left, bisect.insort
+    heappop, heappush = heapq.heappop, heapq.heappush
+
+    for idx, length in zip(order_list, sorted_lengths):
+        pos = bisect_left(caps, length)
+        if pos == len(caps):
+            pack_id = len(packs)
+            packs.append([idx])
+            remaining = max_tokens - length
+        else:
+            cap = caps[pos]
+            heap = open_by_cap[cap]
+            pack_id = heappop(heap)
+            if not heap:
+                del open_by_cap[cap]
+                del caps[pos]
+            packs[pack_id].append(idx)
+            remaining = cap - length
+        if remaining >= min_len:
+            heap = open_by_cap.get(remaining)
+            if heap is None:
+                open_by_cap[remaining] = [pack_id]
+                insort(caps, remaining)
+            else:
+                heappush(heap, pack_id)
+    return packs
+
+
+def shuffle_packs(packs: list[list[int]], seed: int, epoch: int = 0) -> list[list[int]]:
+    """A seeded permutation of the pack order (the packs themselves are not changed).
+
+    Uses np.random.default_rng((seed, epoch)), so each (seed, epoch) gives one fixed order and
+    epochs differ from each other.
+    """
+    rng = np.random.default_rng((seed, epoch))
+    return [packs[i] for i in rng.permutation(len(packs)).tolist()]
+
+
+def stream_packs(
+    items: Iterable[T], length: Callable[[T], int], max_tokens: int, buffer_size: int
+) -> Iterator[list[T]]:
+    """Streaming BFD for data that does not fit in memory.
+
+    Reads a window of `buffer_size` items, packs it with plan_packs and yields its packs. The
+    least-full packs of a window (filled below CARRY_BELOW_FILL) are not yielded but carried
+    into the next window, so the next window's samples can top them up; at most
+    CARRY_MAX_FRACTION * buffer_size items are carried, and an item is carried at most once,
+    so every item is yielded no later than one window after it was read. The last window
+    yields everything. Items within a window are yielded in BFD order, not reading order.
+    """
+    if buffer_size <= 0:
+        raise ValueError(f"buffer_size must be positive, got {buffer_size}")
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    max_carried = int(CARRY_MAX_FRACTION * buffer_size)
+    carried: list[tuple[T, int]] = []  # (item, length) held over from the previous window
+    window: list[tuple[T, int]] = []
+    for position, item in enumerate(items):
+        n = int(length(item))
+        if n > max_tokens or n < 0:
+            raise ValueError(
+                f"item {position} of the stream has length {n}, outside [0, {max_tokens}]: "
+                "raise max_tokens or truncate/drop it"
+            )
+        window.append((item, n))
+        if len(window) == buffer_size:
+            packs, carried = _pack_window(carried, window, max_tokens, max_carried)
+            yield from packs
+            window = []
+    packs, _ = _pack_window(carried, window, max_tokens, max_carried=0)
+    yield from packs
+
+
+def _pack_window(
+    carried: list[tuple[T, int]],
+    window: list[tuple[T, int]],
+    max_tokens: int,
+    max_carried: int,
+) -> tuple[list[list[T]], list[tuple[T, int]]]:
+    """Packs carried + window items; returns (packs to yield, items to carry onwards)."""
+    entries = carried + window
+    lengths = [n for _, n in entries]
+    packs = plan_packs(lengths, max_tokens)
+    num_carried_in = len(carried)  # entries[:num_carried_in] were carried once already
+    fills = [sum(lengths[i] for i in pack) for pack in packs]
+    carry_ids: set[int] = set()
+    num_to_carry = 0
+    # Least full first; a pack holding an already-carried item is never carried again.
+    for pack_id in sorted(range(len(packs)), key=lambda p: (fills[p], p)):
+        pack = packs[pack_id]
+        if fills[pack_id] >= CARRY_BELOW_FILL * max_tokens:
+            break
+        if num_to_carry + len(pack) > max_carried:
+            break
+        if any(i < num_carried_in for i in pack):
+            continue
+        carry_ids.add(pack_id)
+        num_to_carry += len(pack)
+    out = [[entries[i][0] for i in pack] for p, pack in enumerate(packs) if p not in carry_ids]
+    carry = [entries[i] for p in sorted(carry_ids) for i in packs[p]]
+    return out, carry
+
+
+@dataclass
+class PackStats:
+    """How well a packing uses its token budget."""
+
+    num_samples: int
+    num_tokens: int
+    num_packs: int
+    lower_bound: int  # ceil(num_tokens / max_tokens): no packing can use fewer packs
+    utilization: float  # num_tokens / (num_packs * max_tokens)
+    max_tokens: int
+
+    @property
+    def packs_over_bound(self) -> float:
+        return self.num_packs / self.lower_bound if self.lower_bound else 1.0
+
+    def table(self) -> str:
+        rows = [
+            ("samples", f"{self.num_samples:,}"),
+            ("tokens", f"{self.num_tokens:,}"),
+            ("max tokens / pack", f"{self.max_tokens:,}"),
+            ("packs", f"{self.num_packs:,}"),
+            ("lower bound", f"{self.lower_bound:,}"),
+            ("packs / lower bound", f"{self.packs_over_bound:.4f}"),
+            ("utilization", f"{100 * self.utilization:.2f}%"),
+        ]
+        width_name = max(len(name) for name, _ in rows)
+        width_value = max(len(value) for _, value in rows)
+        return "\n".join(f"{name:<{width_name}}  {value:>{width_value}}" for name, value in rows)
+
+
+def pack_stats(
+    lengths: Sequence[int] | np.ndarray, packs: list[list[int]], max_tokens: int
+) -> PackStats:
+    """Statistics of `packs` (indices into `lengths`) against the budget `max_tokens`."""
+    lengths_N = np.asarray(lengths, dtype=np.int64)
+    num_samples = sum(len(pack) for pack in packs)
+    if num_samples:
+        flat = np.fromiter((i for pack in packs for i in pack), dtype=np.int64, count=num_samples)
+        num_tokens = int(lengths_N[flat].sum())
+    else:
+        num_tokens = 0
+    num_packs = len(packs)
+    return PackStats(
+        num_samples=num_samples,
+        num_tokens=num_tokens,
+        num_packs=num_packs,
+        lower_bound=math.ceil(num_tokens / max_tokens),
+        utilization=num_tokens / (num_packs * max_tokens) if num_packs else 0.0,
+        max_tokens=max_tokens,
+    )

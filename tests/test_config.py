@@ -1,0 +1,54 @@
+import pytest
+
+from zeropad.config import build_config, describe_keys, load_config, parse_overrides
+from zeropad.errors import ConfigError
+
+
+def test_defaults_validate():
+    cfg = build_config({})
+    assert cfg.pack.max_tokens == 8192 and cfg.train.dtype == "fp32"
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.stpes'; did you mean 'steps'"):
+        build_config({"train": {"stpes": 3}})
+    with pytest.raises(ConfigError, match=r"unknown key 'pack.max_token'; did you mean 'max_tokens'"):
+        build_config({}, ["pack.max_token=4"])
+    with pytest.raises(ConfigError, match=r"'data.sources.0.formt'; did you mean 'format'"):
+        build_config({"data": {"sources": [{"path": "x.json", "formt": "alpaca"}]}})
+
+
+def test_bad_value_names_key():
+    with pytest.raises(ConfigError, match=r"'train.dtype'"):
+        build_config({}, ["train.dtype=fp8"])
+    with pytest.raises(ConfigError, match=r"'pack.max_tokens'"):
+        build_config({}, ["pack.max_tokens=-1"])
+
+
+def test_overrides_parse_yaml_scalars():
+    assert parse_overrides(["train.lr=0.001", "log.tensorboard=true", "output_dir=x"]) == {
+        "train": {"lr": 1e-3}, "log": {"tensorboard": True}, "output_dir": "x"}
+    assert build_config({}, ["train.lr=1e-3"]).train.lr == 1e-3
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["train.steps"])
+
+
+def test_yaml_file_and_the_issue_example(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model:\n  path: ./my-model\ndata:\n  sources:\n"
+        "    - {path: ../shared/data/alpaca_en_demo.json, format: alpaca, weight: 1.0}\n"
+        "  on_bad_sample: error\npack:\n  max_tokens: 8192\n"
+        "train:\n  steps: 100\n  lr: 1.0e-3\n  grad_accum: 1\n  seed: 0\n  dtype: fp32\n"
+        "log:\n  tensorboard: false\noutput_dir: runs/example\n"
+    )
+    cfg = load_config(path, ["train.steps=5"])
+    assert cfg.train.steps == 5 and cfg.train.lr == 1e-3 and cfg.data.sources[0].format == "alpaca"
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_key_is_documented():
+    text = describe_keys()
+    for key in ["pack.max_tokens", "train.grad_accum", "data.on_bad_sample", "log.tensorboard", "output_dir"]:
+        assert key in text
