@@ -14,9 +14,9 @@ FAMILIES = {
 }
 
 
-def tiny_model(model_type: str, attn_implementation: str = "zeropad_varlen", seed: int = 0):
+def tiny_model(model_type: str, attn_implementation: str = "zeropad_varlen", seed: int = 0, **overrides):
     import zeropad.model.attention  # noqa: F401  (registers zeropad_varlen)
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **TINY, **FAMILIES[model_type])
+    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILIES[model_type], **overrides})
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)

@@ -70,6 +70,7 @@ def verify(
     model_dir: Path = typer.Argument(..., help="Local Hugging Face model directory."),
     lengths: str = typer.Option("7,33,1,64,19", help="Comma-separated document lengths packed together."),
     seed: int = typer.Option(0),
+    tolerance: float = typer.Option(1e-5, help="Max abs difference allowed on logits and gradients."),
     trust_remote_code: bool = typer.Option(False),
 ) -> None:
     """Check that packed forward and backward equal per-document unpadded ones (fp32, eager reference)."""
@@ -78,7 +79,7 @@ def verify(
     from zeropad.verify import check_exactness
 
     model = build_model(ModelConfig(path=str(model_dir), trust_remote_code=trust_remote_code))
-    report = check_exactness(model, [int(n) for n in lengths.split(",")], seed=seed)
+    report = check_exactness(model, [int(n) for n in lengths.split(",")], seed=seed, tolerance=tolerance)
     print(report.summary())
     raise typer.Exit(0 if report.passed else 1)
 

@@ -73,7 +73,7 @@ def reference_forward_backward(model, docs: list[Sample]) -> tuple[torch.Tensor,
     return torch.cat(all_logits), _grads(model)
 
 
-def check_exactness(model, doc_lengths: list[int], seed: int = 0) -> ExactnessReport:
+def check_exactness(model, doc_lengths: list[int], seed: int = 0, tolerance: float = TOLERANCE) -> ExactnessReport:
     """Compares packed (zeropad_varlen) against per-document eager on the same weights, in fp32."""
     docs = random_documents(model.config.get_text_config().vocab_size, doc_lengths, seed)
     was_training, previous = model.training, model.config._attn_implementation
@@ -95,4 +95,5 @@ def check_exactness(model, doc_lengths: list[int], seed: int = 0) -> ExactnessRe
         max_logit_diff=(packed_logits - ref_logits).abs().max().item(),
         max_grad_diff=grad_diffs[worst],
         worst_param=worst,
+        tolerance=tolerance,
     )

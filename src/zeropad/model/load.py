@@ -64,3 +64,13 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> PreTrainedModel:
         )
     model.config.use_cache = False
     return model
+
+
+def check_vocab(model: PreTrainedModel, tokenizer) -> None:
+    """A token id past the embedding table fails deep inside the model; say it here instead."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(
+            f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
+            "use the model's own tokenizer or set model.config.vocab_size"
+        )

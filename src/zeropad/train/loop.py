@@ -16,7 +16,7 @@ import torch
 from zeropad.config import Config
 from zeropad.data.chat import Sample, ensure_chat_template
 from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_samples
-from zeropad.model.load import build_model, load_tokenizer
+from zeropad.model.load import build_model, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs
 from zeropad.train.loss import token_loss_sum
@@ -127,6 +127,7 @@ def train(cfg: Config) -> TrainResult:
     eval_set = eval_packs(eval_samples, cfg.pack.max_tokens) if eval_samples else []
 
     model = build_model(cfg.model, seed=cfg.train.seed).to(device)
+    check_vocab(model, tokenizer)
     model.train()
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)

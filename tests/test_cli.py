@@ -1,0 +1,96 @@
+"""The command line, end to end in subprocess-free form (typer's runner): verify, pack-stats, train."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from tinymodels import tiny_model
+from zeropad.cli import app
+from zeropad.demo.tokenizer import build_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    build_tokenizer(path)
+    tiny_model("qwen3", vocab_size=259).save_pretrained(path)
+    return path
+
+
+def test_verify_passes_on_a_saved_model(model_dir):
+    result = runner.invoke(app, ["verify", str(model_dir), "--lengths", "5,17,3"])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "max |grad diff|" in result.output
+
+
+def test_verify_exit_code_is_1_on_fail(model_dir):
+    # fp32 packed vs per-document differ by ~1e-6 (summation order), so a zero tolerance must FAIL
+    result = runner.invoke(app, ["verify", str(model_dir), "--lengths", "5,17,3", "--tolerance", "0"])
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output
+
+
+def _write_conversations(path, n=40):
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"instruction": f"Repeat {i}", "input": "", "output": f"{i} " * (1 + i % 7)}) + "\n")
+
+
+def test_train_from_a_config_writes_outputs(model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    _write_conversations(data)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{path: {model_dir}}}\n"
+        f"data: {{sources: [{{path: {data}, format: alpaca}}], cache_dir: {tmp_path / 'cache'}, num_workers: 0}}\n"
+        "pack: {max_tokens: 256}\n"
+        "train: {steps: 4, lr: 1.0e-3, grad_accum: 2}\n"
+        "eval: {split: 0.1, every_steps: 2}\n"
+        "log: {progress: false, tensorboard: true}\n"
+    )
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(config), f"output_dir={out}"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ["loss", "lr", "grad_norm", "tokens", "tokens_per_s", "pad_fraction"]:
+        assert key in steps[0]
+    assert all(0 < r["tokens"] <= 2 * 256 and r["pad_fraction"] == 0.0 for r in steps)
+    assert any("eval_loss" in r for r in records)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert any((out / "tb").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    AutoTokenizer.from_pretrained(out / "final")
+    trained = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    initial = dict(tiny_model("qwen3", vocab_size=259).named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(trained, initial)
+
+
+def test_bad_config_key_is_named(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("train: {stepz: 3}\n")
+    from zeropad.config import load_config
+    from zeropad.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        load_config(config)
+
+
+def test_pack_stats(model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    _write_conversations(data)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{path: {model_dir}}}\n"
+        f"data: {{sources: [{{path: {data}}}], cache_dir: {tmp_path / 'cache'}, num_workers: 0}}\n"
+        "pack: {max_tokens: 128}\n"
+    )
+    result = runner.invoke(app, ["pack-stats", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "lower" in result.output.lower() and "utilization" in result.output.lower()
