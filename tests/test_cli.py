@@ -94,3 +94,25 @@ def test_pack_stats(model_dir, tmp_path):
     result = runner.invoke(app, ["pack-stats", str(config)])
     assert result.exit_code == 0, result.output
     assert "lower" in result.output.lower() and "utilization" in result.output.lower()
+
+
+def test_streaming_train_with_separate_eval_source(model_dir, tmp_path):
+    data, held_out = tmp_path / "data.jsonl", tmp_path / "eval.jsonl"
+    _write_conversations(data, n=30)
+    _write_conversations(held_out, n=5)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{path: {model_dir}}}\n"
+        f"data: {{sources: [{{path: {data}}}], cache_dir: {tmp_path / 'cache'}, num_workers: 0}}\n"
+        f"eval: {{sources: [{{path: {held_out}}}]}}\n"
+        "pack: {max_tokens: 128, streaming: true, buffer_samples: 8}\n"
+        "train: {steps: 30}\n"  # more packs than one epoch: the stream starts a second epoch
+        "log: {progress: false}\n"
+    )
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(config), f"output_dir={out}"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("epoch", 0) for r in records) >= 1
+    assert "eval_loss" in records[-1]
+    assert all(r["tokens"] <= 128 for r in records if "tokens" in r)

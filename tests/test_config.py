@@ -52,3 +52,21 @@ def test_every_key_is_documented():
     text = describe_keys()
     for key in ["pack.max_tokens", "train.grad_accum", "data.on_bad_sample", "log.tensorboard", "output_dir"]:
         assert key in text
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_config(path)
+
+
+def test_readme_documents_every_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for line in describe_keys().splitlines():
+        key = line.split(" = ")[0]
+        assert f"`{key}`" in readme, f"README config reference misses {key}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -31,13 +32,16 @@ def train(args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [key.sub
 
     path, overrides = _split_args(args or [])
     if path is None:
-        from zeropad.demo.task import default_config, exact_match, heldout_records
+        from zeropad.demo.task import HELDOUT_FILE, default_config, exact_match, load_heldout
 
         output_dir = load_config(None, overrides).output_dir
         cfg = load_config(None, overrides, base=default_config(output_dir))
         result = run_training(cfg)
-        score = exact_match(result.model, result.tokenizer, heldout_records(cfg.output_dir))
-        print(f"held-out exact match: {score:.1%} (chance is ~0%)")
+        heldout = load_heldout(Path(cfg.output_dir) / "demo" / HELDOUT_FILE)
+        score = exact_match(result.model, result.tokenizer, heldout)
+        summary_path = Path(cfg.output_dir) / "summary.json"
+        summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "heldout_exact_match": score}))
+        print(f"held-out exact match: {score:.1%} on {len(heldout)} unseen additions (chance is ~1%)")
         return
     run_training(load_config(path, overrides))
 

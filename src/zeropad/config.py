@@ -36,7 +36,7 @@ class ModelConfig(_Strict):
 class SourceConfig(_Strict):
     path: str = Field(description="JSON, JSONL, parquet file, or a datasets.save_to_disk directory.")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
-        "auto", description="Record format; auto detects from the first record's keys."
+        "auto", description="Record format; auto detects it from each record's keys."
     )
     weight: float = Field(1.0, gt=0, description="Samples drawn per epoch = weight x source size (seeded).")
 
@@ -76,7 +76,7 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training samples held out for eval.")
-    sources: list[SourceConfig] = Field(default_factory=list, description="Separate eval datasets.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="Separate eval datasets (entries as in `data.sources`).")
     every_steps: int = Field(0, ge=0, description="Eval every N steps (0 = only at the end).")
 
 
@@ -190,7 +190,7 @@ def describe_keys() -> str:
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             for name, sub in ann.model_fields.items():
-                default = "[]" if sub.default_factory is list else ("{}" if sub.default_factory is dict else sub.default)
+                default = sub.default_factory() if sub.default_factory else sub.default
                 rows.append(f"{section}.{name} = {default!r}: {sub.description}")
         else:
             rows.append(f"{section} = {field.default!r}: {field.description}")

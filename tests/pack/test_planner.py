@@ -178,3 +178,24 @@ def test_alpaca_proxy_lengths():
         assert stats.num_packs <= stats.lower_bound * 1.02 + 1
         streamed = list(stream_packs(range(len(lengths)), lengths.__getitem__, max_tokens, 200))
         assert_valid(lengths, streamed, max_tokens)
+
+
+def test_seeded_plan_mixes_small_samples_and_keeps_utilization():
+    # Two length classes of small samples: pure BFD puts each class in its own packs.
+    lengths = [30] * 400 + [40] * 400
+    bfd = plan_packs(lengths, 1024)
+    mixed = plan_packs(lengths, 1024, seed=0)
+    assert sorted(i for p in mixed for i in p) == list(range(800))
+    assert all(sum(lengths[i] for i in p) <= 1024 for p in mixed)
+    assert len(mixed) <= len(bfd) + 1
+    homogeneous = lambda packs: sum(len({lengths[i] for i in p}) == 1 for p in packs)  # noqa: E731
+    assert homogeneous(bfd) >= len(bfd) - 2
+    assert homogeneous(mixed) <= 2
+    assert plan_packs(lengths, 1024, seed=0) == mixed
+    assert plan_packs(lengths, 1024, seed=1) != mixed
+
+
+def test_seeded_plan_places_large_samples_by_decreasing_length():
+    lengths = [900, 300, 700, 10, 20, 5]  # budget 1000: 900, 700, 300 are large (> 1000/8)
+    packs = plan_packs(lengths, 1000, seed=3)
+    assert packs[0][0] == 0 and packs[1][:2] == [2, 1]  # 300 fills the 700-pack exactly

@@ -16,7 +16,7 @@ class PackLoader:
         if not samples:
             raise ValueError("no training samples to pack")
         self.samples, self.seed = samples, seed
-        self.plan = plan_packs([len(s) for s in samples], max_tokens)
+        self.plan = plan_packs([len(s) for s in samples], max_tokens, seed=seed)
         self.epoch, self.index = 0, 0
 
     @property
@@ -36,14 +36,17 @@ class PackLoader:
 class StreamingPackLoader:
     """For data larger than memory: samples are read lazily and packed a window at a time."""
 
-    def __init__(self, samples_for_epoch: Callable[[int], Iterator[Sample]], max_tokens: int, buffer_samples: int):
+    def __init__(self, samples_for_epoch: Callable[[int], Iterator[Sample]], max_tokens: int, buffer_samples: int,
+                 seed: int):
         self.samples_for_epoch, self.max_tokens, self.buffer = samples_for_epoch, max_tokens, buffer_samples
+        self.seed = seed
         self.epoch, self.index = 0, 0
 
     def __iter__(self) -> Iterator[Pack]:
         while True:
             produced = 0
-            for i, docs in enumerate(stream_packs(self.samples_for_epoch(self.epoch), len, self.max_tokens, self.buffer)):
+            for i, docs in enumerate(stream_packs(self.samples_for_epoch(self.epoch), len, self.max_tokens, self.buffer,
+                                                       self.seed + self.epoch)):
                 produced += 1
                 if i < self.index:  # resuming inside an epoch: skip the packs already trained on
                     continue

@@ -15,6 +15,7 @@ import torch
 
 from zeropad.config import Config
 from zeropad.data.chat import Sample, ensure_chat_template
+from zeropad.errors import ConfigError
 from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_samples
 from zeropad.model.load import build_model, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack
@@ -94,7 +95,7 @@ def evaluate(model, packs: list[Pack], device: torch.device, autocast) -> float:
 def _prepare_data(cfg: Config, tokenizer) -> tuple[PackLoader | StreamingPackLoader, list[Sample], SampleReport]:
     common = dict(max_tokens=cfg.pack.max_tokens, overlong=cfg.pack.overlong, seed=cfg.train.seed)
     if not cfg.data.sources:
-        raise ValueError("data.sources is empty: give at least one dataset")
+        raise ConfigError("data.sources is empty: give at least one dataset")
     eval_samples: list[Sample] = []
     if cfg.eval.sources:
         eval_samples, _ = load_samples(cfg.eval.sources, cfg.data, tokenizer, **common)
@@ -103,7 +104,7 @@ def _prepare_data(cfg: Config, tokenizer) -> tuple[PackLoader | StreamingPackLoa
         loader = StreamingPackLoader(
             lambda epoch: stream_samples(cfg.data.sources, cfg.data, tokenizer, report=report,
                                          **{**common, "seed": cfg.train.seed + epoch}),
-            cfg.pack.max_tokens, cfg.pack.buffer_samples,
+            cfg.pack.max_tokens, cfg.pack.buffer_samples, cfg.train.seed,
         )
         return loader, eval_samples, report
     samples, report = load_samples(cfg.data.sources, cfg.data, tokenizer, **common)
