@@ -8,6 +8,8 @@ For each length set and budget it prints the number of packs, the lower bound
 ceil(total tokens / max_tokens), their ratio, the token utilization and the time, for:
 
   bfd          zeropad.pack.planner.plan_packs (best-fit-decreasing over the whole set)
+  bfd-mixed    plan_packs(..., seed=0), what training uses: large samples by decreasing length,
+               samples under 1/8 of the budget in seeded random order (so packs mix lengths)
   bfd-stream   zeropad.pack.planner.stream_packs with a 10k-sample window
   next-fit     greedy sequential: fill the current pack in arrival order, start a new one when
                the next sample does not fit (what naive packers do)
@@ -101,6 +103,7 @@ def bfd_stream(lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
 
 METHODS: dict[str, Callable[[np.ndarray, int], list[list[int]]]] = {
     "bfd": plan_packs,
+    "bfd-mixed": lambda lengths, max_tokens: plan_packs(lengths, max_tokens, seed=0),
     "bfd-stream": bfd_stream,
     "next-fit": next_fit,
     "first-fit": first_fit,
