@@ -1,4 +1,4 @@
-"""The zeropad command line: train, pack-stats, verify."""
+"""The zeropad command line: train, plan, pack-stats, verify, export."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from zeropad.config import describe_keys, load_config
-from zeropad.errors import ZeropadError
+from zeropad.errors import RunStopped, ZeropadError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Padding-free, exact packed training.")
 
@@ -88,9 +88,49 @@ def verify(
     raise typer.Exit(0 if report.passed else 1)
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(
+        ..., help="A checkpoint (OUTPUT_DIR/checkpoints/step_N), or an output dir: its newest."),
+    out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face model directory."),
+) -> None:
+    """Write a checkpoint as a Hugging Face model directory (safetensors, config, generation config, tokenizer)."""
+    from zeropad.train.export import export_checkpoint
+
+    used = export_checkpoint(checkpoint, out_dir)
+    print(f"exported {used} to {out_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+
+
+@app.command()
+def plan(
+    args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [key.sub=value ...]"),
+    devices: int = typer.Option(1, min=1, help="Data-parallel devices the model states are sharded over."),
+    device_memory: str = typer.Option(None, help="Memory per device, e.g. 80GB or 24GiB (default: "
+                                      "memory.device_gb, else this machine's GPU)."),
+    strategy: str = typer.Option(None, help="none, zero1, zero2, zero3 (FSDP) or offload (FSDP + CPU offload); "
+                                 "default none on one device, zero3 on more."),
+    precision: str = typer.Option(None, help="fp32, bf16 (autocast, fp32 weights) or mixed (bf16 weights, "
+                                  "fp32 master, as in the ZeRO paper); default train.dtype."),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd (momentum)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Predict memory per device by component from the config alone (no weights are loaded), and
+    recommend the least recompute and the largest pack.max_tokens that fit."""
+    from zeropad.plan.report import run
+
+    path, overrides = _split_args(args or [])
+    print(run(load_config(path, overrides), num_devices=devices, device_memory=device_memory, strategy=strategy,
+              precision=precision, optimizer=optimizer, as_json=as_json))
+
+
 def main() -> None:
     try:
         app()
+    except RunStopped as err:  # a checkpoint was saved: say how to continue, exit with the documented code
+        from zeropad.train.guard import resume_command
+
+        print(f"stopped: {err}\nto resume: {resume_command(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except ZeropadError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

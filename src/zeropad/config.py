@@ -6,17 +6,27 @@ Unknown keys and bad values raise ConfigError naming the key (and the closest va
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zeropad.errors import ConfigError
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt (peft matching), or all-linear (every linear but the LM head)."
+    )
 
 
 class ModelConfig(_Strict):
@@ -31,6 +41,9 @@ class ModelConfig(_Strict):
         "zeropad_varlen", description="zeropad_varlen (packed, no padding) or any transformers backend."
     )
     trust_remote_code: bool = Field(False, description="Allow code from the model directory to run.")
+    lora: LoraConfig | None = Field(
+        None, description="LoRA adapters through peft ({r, alpha, dropout, target_modules}); null trains every weight."
+    )
 
 
 class SourceConfig(_Strict):
@@ -72,6 +85,10 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed for init, shuffling and sampling.")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (weights stay fp32).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
+    max_bad_steps: int = Field(
+        5, gt=0, description="A step with a non-finite loss or grad norm is skipped; this many in a row "
+        "save a checkpoint and stop the run (exit code 4).",
+    )
 
 
 class EvalConfig(_Strict):
@@ -86,6 +103,35 @@ class LogConfig(_Strict):
     peak_tflops: float | None = Field(None, description="Device peak TFLOP/s for MFU (auto-detected on known GPUs).")
 
 
+_CHECKPOINTING = re.compile(r"none|full|selective|auto|every:[1-9][0-9]*")
+
+
+class MemoryConfig(_Strict):
+    checkpointing: str = Field(
+        "none", description="Activation checkpointing: none, full, every:K (every K-th decoder layer), selective "
+        "(recompute MLPs, keep attention), or auto (the memory planner picks).",
+    )
+    offload_activations: bool = Field(False, description="Move tensors saved for backward to host memory.")
+    chunked_loss: bool = Field(True, description="LM head + cross-entropy in token chunks, never the full logits.")
+    loss_chunk_tokens: int = Field(4096, gt=0, description="Tokens per chunk of the chunked loss.")
+    device_gb: float | None = Field(
+        None, gt=0, description="Memory per device (GB) that checkpointing=auto and `zeropad plan` fit the run "
+        "into; null = the GPU's total memory, or host RAM when training on CPU.",
+    )
+
+    @field_validator("checkpointing")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if not _CHECKPOINTING.fullmatch(value):
+            raise ValueError("must be none, full, every:K (K >= 1), selective or auto")
+        return value
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(0, ge=0, description="Save a checkpoint every N optimizer steps (0 = only at the end).")
+    keep: int = Field(2, gt=0, description="Newest checkpoints kept in OUTPUT_DIR/checkpoints; older ones are deleted.")
+
+
 class Config(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -93,6 +139,12 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resume: str | None = Field(
+        None, description="null: start fresh (refused if OUTPUT_DIR has checkpoints); auto: continue from the "
+        "newest usable checkpoint in OUTPUT_DIR (fresh if none); or a checkpoint directory to continue from.",
+    )
     output_dir: str = Field("runs/zeropad", description="Where metrics, plots, checkpoints and the model go.")
 
 
@@ -144,7 +196,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: YAML-looking values such as a bad date
+            raise ConfigError(f"override '{key.strip()}': cannot parse the value {raw!r} ({err})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -18,3 +18,26 @@ class DataError(ZeropadError):
         self.file, self.record, self.reason = file, record, reason
         where = file if record is None else f"{file}, record {record}"
         super().__init__(f"{where}: {reason}")
+
+
+class RunStopped(ZeropadError):
+    """Training stopped early after saving a checkpoint it can resume from. The command line exits
+    with `exit_code`, so a job scheduler can tell why without parsing text."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, checkpoint: str):
+        self.checkpoint = checkpoint
+        super().__init__(message)
+
+
+class Preempted(RunStopped):
+    """SIGTERM or SIGINT: the current step finished and was checkpointed."""
+
+    exit_code = 3
+
+
+class TooManyBadSteps(RunStopped):
+    """train.max_bad_steps consecutive steps had a non-finite loss or gradient norm."""
+
+    exit_code = 4

@@ -58,6 +58,12 @@ class SampleReport:
     truncated: int = 0
     dropped_overlong: int = 0
 
+    def counts(self) -> dict:
+        """The same numbers as `summary`, for metrics.jsonl and summary.json; skips by reason."""
+        return {"records": self.num_records, "samples": self.num_samples, "tokens": self.num_tokens,
+                "skipped": self.skipped.total(), "skipped_by_reason": dict(self.skipped),
+                "truncated": self.truncated, "dropped_overlong": self.dropped_overlong}
+
     def summary(self) -> str:
         parts = [f"{self.num_records:,} records -> {self.num_samples:,} samples, {self.num_tokens:,} tokens"]
         if self.skipped:

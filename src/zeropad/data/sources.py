@@ -54,9 +54,26 @@ def json_type(value: object) -> str:
 
 
 def _object_or_error(value: object, file: str, record_no: int) -> dict | DataError:
+    if not isinstance(value, dict):
+        return DataError(file, record_no, f"record is a JSON {json_type(value)}, expected an object")
+    if _has_lone_surrogate(value):
+        return DataError(file, record_no, "not valid UTF-8: a \\ud800-\\udfff escape encodes half a character")
+    return value
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    """JSON escapes such as "\\ud800" decode to a lone surrogate: text no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
     if isinstance(value, dict):
-        return value
-    return DataError(file, record_no, f"record is a JSON {json_type(value)}, expected an object")
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | DataError]]:

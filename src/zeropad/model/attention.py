@@ -11,6 +11,7 @@ per-document SDPA (CPU and fallback). Tensor suffixes: B batch (=1), H heads, T 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,9 @@ ATTN_NAME = "zeropad_varlen"
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
-def _backend(device: torch.device) -> str:
-    if device.type != "cuda":
+def _backend(query: torch.Tensor) -> str:
+    # The CUDA varlen kernels take fp16/bf16 only; fp32 runs (and CPUs) use per-document SDPA.
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
         return "sdpa_per_doc"
     if _HAS_FLASH_ATTN:
         return "flash_attn"
@@ -47,6 +49,27 @@ def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, cu_seqlens, scaling, sliding_window) -
             mask = (dist >= 0) & (dist < sliding_window)
             outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
     return torch.cat(outs, dim=2)
+
+
+def _torch_varlen(q_THD, k_THD, v_THD, cu, max_len, scaling, sliding_window) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn, across its signatures: torch >= 2.12 takes window_size
+    and enable_gqa; earlier releases take is_causal and need KV heads repeated for GQA."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict = {"scale": scaling}
+    if "window_size" in params:
+        kwargs["window_size"] = (sliding_window - 1, 0) if sliding_window is not None else (-1, 0)
+    else:
+        assert sliding_window is None, "sliding-window attention needs torch >= 2.12 or flash-attn on CUDA"
+        kwargs["is_causal"] = True
+    if q_THD.shape[1] != k_THD.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q_THD.shape[1] // k_THD.shape[1]
+            k_THD, v_THD = (x.repeat_interleave(groups, dim=1) for x in (k_THD, v_THD))
+    return varlen_attn(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, **kwargs)
 
 
 def varlen_attention_forward(
@@ -77,30 +100,27 @@ def varlen_attention_forward(
     dropout = dropout if module.training else 0.0
     assert dropout == 0.0, "attention dropout is not supported by the packed attention"
 
-    backend = _backend(query.device)
+    if query.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        # Under autocast, q/k leave fp32-weight norms (e.g. Qwen3's q_norm) in fp32 while v is bf16.
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = (x.to(dtype) for x in (query, key, value))
+    backend = _backend(query)
     if backend == "sdpa_per_doc":
         out_BHTD = _sdpa_per_doc(query, key, value, cu_seq_lens_q, scaling, sliding_window)
         return out_BHTD.transpose(1, 2), None
 
     q_THD, k_THD, v_THD = (x[0].transpose(0, 1) for x in (query, key, value))
     cu = cu_seq_lens_q.to(torch.int32)
-    window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
+        window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
         out_THD = flash_attn_varlen_func(
             q_THD, k_THD, v_THD, cu, cu, max_length_q, max_length_q,
             softmax_scale=scaling, causal=True, window_size=window,
         )
     else:
-        from torch.nn.attention.varlen import varlen_attn
-
-        if sliding_window is None:
-            window = (-1, 0)  # causal
-        out_THD = varlen_attn(
-            q_THD, k_THD, v_THD, cu, cu, max_length_q, max_length_q,
-            scale=scaling, window_size=window, enable_gqa=q_THD.shape[1] != k_THD.shape[1],
-        )
+        out_THD = _torch_varlen(q_THD, k_THD, v_THD, cu, max_length_q, scaling, sliding_window)
     return out_THD.unsqueeze(0), None
 
 

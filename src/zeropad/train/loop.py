@@ -20,7 +20,10 @@ from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_
 from zeropad.model.load import build_model, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs
-from zeropad.train.loss import token_loss_sum
+from zeropad.model.checkpointing import activation_context, apply_checkpointing, resolve_checkpointing
+from zeropad.model.lora import apply_lora, merged_for_export
+from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
+from zeropad.train.guard import RunGuard, StopSignals
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
 from zeropad.train.optim import build_optimizer, build_scheduler
 
@@ -53,40 +56,45 @@ def _autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def forward_loss_sum(model, pack: Pack, autocast) -> torch.Tensor:
+def forward_loss_sum(model, pack: Pack, autocast, loss_chunk_tokens: int | None = None) -> torch.Tensor:
+    """Summed token loss of one pack; with loss_chunk_tokens the [T, V] logits are never built."""
     with autocast:
-        logits = model(**pack.model_inputs()).logits[0]
-    return token_loss_sum(logits, pack.target_ids[0])
+        return lm_loss_sum(model, pack.model_inputs(), pack.target_ids[0], loss_chunk_tokens)
 
 
-def accumulate_gradients(model, packs: list[Pack], autocast) -> float:
+def accumulate_gradients(model, packs: list[Pack], autocast, loss_chunk_tokens: int | None = None,
+                         activations=contextlib.nullcontext()) -> float:
     """Backward over the micro-steps of one optimizer step. Each pack's loss sum is divided by the
-    step's total target count, so the summed gradient is that of the token mean over the step."""
+    step's total target count, so the summed gradient is that of the token mean over the step.
+    `activations` (checkpointing.activation_context) holds each micro-step's saved tensors."""
     num_targets = sum(p.num_targets for p in packs)
     assert num_targets > 0, "every sample carries at least one target token"
     loss_total = torch.zeros(())
     for pack in packs:
-        loss = forward_loss_sum(model, pack, autocast) / num_targets
-        loss.backward()
+        with activations:
+            loss = forward_loss_sum(model, pack, autocast, loss_chunk_tokens) / num_targets
+            loss.backward()
         loss_total += loss.detach().cpu()
     return loss_total.item()
 
 
-def train_step(model, packs: list[Pack], optimizer, scheduler, grad_clip: float, autocast) -> tuple[float, float]:
-    loss = accumulate_gradients(model, packs, autocast)
+def train_step(model, packs: list[Pack], optimizer, scheduler, grad_clip: float, autocast,
+               loss_chunk_tokens: int | None = None, activations=contextlib.nullcontext()) -> tuple[float, float]:
+    loss = accumulate_gradients(model, packs, autocast, loss_chunk_tokens, activations)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
-    scheduler.step()
+    if math.isfinite(loss) and math.isfinite(grad_norm.item()):  # else skip: NaN would poison weights and Adam
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm.item()
 
 
 @torch.no_grad()
-def evaluate(model, packs: list[Pack], device: torch.device, autocast) -> float:
+def evaluate(model, packs: list[Pack], device: torch.device, autocast, loss_chunk_tokens: int | None = None) -> float:
     model.eval()
     loss_sum, num_targets = 0.0, 0
     for pack in packs:
-        loss_sum += forward_loss_sum(model, pack.to(device), autocast).item()
+        loss_sum += forward_loss_sum(model, pack.to(device), autocast, loss_chunk_tokens).item()
         num_targets += pack.num_targets
     model.train()
     return loss_sum / max(1, num_targets)
@@ -115,6 +123,11 @@ def _prepare_data(cfg: Config, tokenizer) -> tuple[PackLoader | StreamingPackLoa
 
 
 def train(cfg: Config) -> TrainResult:
+    with StopSignals() as stop:  # armed only while steps run; the previous handlers come back after
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: StopSignals) -> TrainResult:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -127,25 +140,40 @@ def train(cfg: Config) -> TrainResult:
     loader, eval_samples, report = _prepare_data(cfg, tokenizer)
     eval_set = eval_packs(eval_samples, cfg.pack.max_tokens) if eval_samples else []
 
-    model = build_model(cfg.model, seed=cfg.train.seed).to(device)
+    model = apply_lora(build_model(cfg.model, seed=cfg.train.seed), cfg.model.lora).to(device)
     check_vocab(model, tokenizer)
+    apply_checkpointing(model, resolve_checkpointing(cfg, model))
+    activations = activation_context(cfg.memory, device)
     model.train()
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     flops = FlopCounter(model)
     peak = peak_tflops(device, cfg.log.peak_tflops)
+    guard = RunGuard(cfg, model, optimizer, scheduler, loader, tokenizer, stop)
+    start = guard.resume()  # before the logger appends: metrics.jsonl keeps only records up to `start`
     logger = MetricsLogger(output_dir, cfg.log.tensorboard)
-    progress = Progress(cfg.train.steps, cfg.log.progress)
+    if start == 0:
+        logger.log({"step": 0, "data": report.counts()})
+    progress = Progress(cfg.train.steps, cfg.log.progress, initial=start)
+    guard.say = progress.write
     num_params = sum(p.numel() for p in model.parameters())
-    progress.write(f"zeropad: {num_params / 1e6:.2f}M parameters on {device}; data: {report.summary()}")
+    num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    progress.write(f"zeropad: {num_params / 1e6:.2f}M parameters ({num_trained / 1e6:.2f}M trained) on {device}; "
+                   f"data: {report.summary()}")
+    loss_chunk_tokens = cfg.memory.loss_chunk_tokens if cfg.memory.chunked_loss else None
+    if loss_chunk_tokens and (reason := chunked_loss_unsupported(model)):
+        progress.write(f"zeropad: memory.chunked_loss is off for this model: {reason}")
+        loss_chunk_tokens = None
 
     packs_iter = iter(loader)
     loss, eval_loss = math.nan, None
-    for step in range(1, cfg.train.steps + 1):
+    stop.arm()
+    for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         packs = [next(packs_iter).to(device) for _ in range(cfg.train.grad_accum)]
         lr = scheduler.get_last_lr()[0]
-        loss, grad_norm = train_step(model, packs, optimizer, scheduler, cfg.train.grad_clip, autocast)
+        loss, grad_norm = train_step(model, packs, optimizer, scheduler, cfg.train.grad_clip, autocast,
+                                     loss_chunk_tokens, activations)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -165,21 +193,26 @@ def train(cfg: Config) -> TrainResult:
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if eval_set and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device, autocast)
+            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device, autocast, loss_chunk_tokens)
+        guard.observe(record)
         logger.log(record)
         progress.update(loss, record["tokens_per_s"], record["pad_fraction"])
+        guard.end_step(step)  # checkpoint when due; on SIGTERM/SIGINT or too many bad steps, also stop
+    guard.finish()
     progress.close()
 
     if eval_set and (not cfg.eval.every_steps or cfg.train.steps % cfg.eval.every_steps):
-        eval_loss = evaluate(model, eval_set, device, autocast)
+        eval_loss = evaluate(model, eval_set, device, autocast, loss_chunk_tokens)
         logger.log({"step": cfg.train.steps, "eval_loss": eval_loss})
     logger.close()
 
     final_dir = output_dir / "final"
+    model = merged_for_export(model)  # LoRA adapters merged in: final/ is a plain Hugging Face model
     model.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
     plot_losses(logger.path, output_dir / "loss.png")
-    summary = {"steps": cfg.train.steps, "final_loss": loss, "eval_loss": eval_loss, "data": report.summary()}
+    summary = {"steps": cfg.train.steps, "final_loss": loss, "eval_loss": eval_loss, "data": report.summary(),
+               "data_counts": report.counts(), "bad_steps": guard.position.bad_steps}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     eval_text = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
     print(f"done: {cfg.train.steps} steps, final loss {loss:.4f}{eval_text}")

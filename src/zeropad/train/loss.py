@@ -1,9 +1,14 @@
-"""Token loss with global normalisation (DESIGN.md invariant 5).
+"""Token loss with global normalisation (DESIGN.md invariant 5), and the chunked LM-head loss.
 
 Each micro-step contributes sum(token losses) / N, where N is the number of target tokens in the
 whole optimizer step (all micro-steps; all ranks once distributed). Summing the micro-step
 gradients then gives exactly the gradient of the token mean over the step, however the tokens
 were grouped into packs.
+
+The chunked loss never builds the [T, V] logits: the LM head and the cross-entropy run on chunks
+of C tokens, and backward recomputes each chunk's logits. The loss buffers then peak at about one
+[C, V] fp32 chunk plus the weight gradient, instead of three [T, V] fp32 tensors (at V = 151,936
+and T = 16k, 10 GB each; benchmarks/memory.py). Suffixes: T tokens, H hidden, V vocabulary, C chunk.
 """
 
 from __future__ import annotations
@@ -17,3 +22,126 @@ from zeropad.pack.collate import IGNORE_INDEX
 def token_loss_sum(logits_TV: torch.Tensor, target_ids_T: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies over the targets, computed in fp32."""
     return F.cross_entropy(logits_TV.float(), target_ids_T, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    # The plain path runs the LM head under the caller's autocast; do the same matmuls in that dtype.
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def _chunk_logits(hidden_CH, weight_VH, bias_V) -> torch.Tensor:
+    # F.linear, as the LM head itself: the same kernel, so the same rounding of the logits
+    return F.linear(hidden_CH, weight_VH, bias_V).float()
+
+
+def _targets(target_ids_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column index [C, 1], fp32 mask [C]) of a chunk's targets; ignored tokens point at column 0
+    and are masked out. Masks, not `nonzero`: no host sync, and no shape that depends on the data."""
+    valid_C = target_ids_C != IGNORE_INDEX
+    return target_ids_C.clamp(min=0)[:, None], valid_C.float()
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(hidden_t @ W^T + b, target_t) over targets != IGNORE_INDEX, without the [T, V] logits.
+
+    Matches `token_loss_sum(lm_head(hidden), targets)`: logits in the compute dtype (the autocast
+    dtype when autocast is on, else the inputs'), softmax and loss in fp32, logit gradients cast
+    back to the compute dtype before the two matmuls of backward, as autograd does in the plain path.
+    Forward keeps only the per-token log-sum-exp ([T] fp32); backward recomputes each chunk's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_TH, weight_VH, bias_V, target_ids_T, chunk_tokens: int):
+        dtype = _compute_dtype(hidden_TH.device, hidden_TH.dtype)
+        with torch.autocast(hidden_TH.device.type, enabled=False):
+            h_TH, w_VH = hidden_TH.to(dtype), weight_VH.to(dtype)
+            b_V = None if bias_V is None else bias_V.to(dtype)
+            lse_T = hidden_TH.new_empty(hidden_TH.shape[0], dtype=torch.float32)
+            loss = hidden_TH.new_zeros((), dtype=torch.float32)
+            for start in range(0, h_TH.shape[0], chunk_tokens):
+                end = start + chunk_tokens
+                logits_CV = _chunk_logits(h_TH[start:end], w_VH, b_V)
+                column_C1, valid_C = _targets(target_ids_T[start:end])
+                target_logit_C = logits_CV.gather(1, column_C1)[:, 0]
+                # logsumexp = max + log(sum(exp(logits - max))), in place: one [C, V] buffer, not three
+                max_C = logits_CV.amax(dim=-1)
+                lse_C = lse_T[start:end] = logits_CV.sub_(max_C[:, None]).exp_().sum(-1).log_().add_(max_C)
+                # CE_t = logsumexp(logits_t) - logits_t[target_t]
+                loss += ((lse_C - target_logit_C) * valid_C).sum()
+                del logits_CV  # free this chunk's buffer before the next one is allocated
+        ctx.save_for_backward(hidden_TH, weight_VH, bias_V, target_ids_T, lse_T)
+        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden_TH, weight_VH, bias_V, target_ids_T, lse_T = ctx.saved_tensors
+        dtype = ctx.dtype
+        with torch.autocast(hidden_TH.device.type, enabled=False):
+            h_TH, w_VH = hidden_TH.to(dtype), weight_VH.to(dtype)
+            b_V = None if bias_V is None else bias_V.to(dtype)
+            _, want_weight, want_bias = ctx.needs_input_grad[:3]
+            grad_hidden_TH = torch.empty_like(hidden_TH)
+            # fp32 accumulators: the chunks' weight (and bias) gradients are summed across chunks
+            grad_weight_VH = torch.zeros_like(weight_VH, dtype=torch.float32) if want_weight else None
+            grad_bias_V = torch.zeros_like(bias_V, dtype=torch.float32) if want_bias else None
+            for start in range(0, h_TH.shape[0], ctx.chunk_tokens):
+                end = start + ctx.chunk_tokens
+                column_C1, valid_C = _targets(target_ids_T[start:end])
+                # d(CE_t)/d(logits_t) = softmax(logits_t) - onehot(target_t); zero for ignored tokens.
+                # In place, so a chunk's backward holds one [C, V] fp32 buffer (plus its cast).
+                grad_CV = _chunk_logits(h_TH[start:end], w_VH, b_V).sub_(lse_T[start:end, None]).exp_()
+                grad_CV.scatter_add_(1, column_C1, torch.full_like(column_C1, -1, dtype=grad_CV.dtype))
+                grad_CV = grad_CV.mul_((valid_C * grad_loss)[:, None]).to(dtype)
+                grad_hidden_TH[start:end] = grad_CV @ w_VH
+                if grad_weight_VH is not None and dtype == torch.float32:
+                    grad_weight_VH.addmm_(grad_CV.T, h_TH[start:end])  # in place: no [V, H] temporary
+                elif grad_weight_VH is not None:
+                    grad_weight_VH += grad_CV.T @ h_TH[start:end]  # a bf16 product, summed in fp32
+                if grad_bias_V is not None:
+                    grad_bias_V += grad_CV.sum(0)
+                del grad_CV  # free this chunk's buffer before the next one is allocated
+        grad_weight = None if grad_weight_VH is None else grad_weight_VH.to(weight_VH.dtype)
+        grad_bias = None if grad_bias_V is None else grad_bias_V.to(bias_V.dtype)
+        return grad_hidden_TH, grad_weight, grad_bias, None, None
+
+
+def chunked_cross_entropy_sum(
+    hidden_TH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None,
+    target_ids_T: torch.Tensor, chunk_tokens: int,
+) -> torch.Tensor:
+    """Summed cross-entropy of the LM head (hidden @ weight^T + bias) over the targets, in chunks."""
+    assert chunk_tokens > 0
+    return _ChunkedLinearCrossEntropy.apply(hidden_TH, weight_VH, bias_V, target_ids_T, chunk_tokens)
+
+
+def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the chunked loss would not equal the model's own logits, or None when it does.
+
+    The chunked loss applies the output embedding as a plain linear map to the decoder's last
+    hidden state; models that transform logits after that map are left to the plain loss."""
+    config = model.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return "the model soft-caps its logits (final_logit_softcapping)"
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return "the model scales its logits (logit_scale)"
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+        return "the model scales its logits (logits_scaling)"
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"the output embedding is a {type(head).__name__}, not a plain Linear (e.g. adapted by LoRA)"
+    return None
+
+
+def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.Tensor,
+                chunk_tokens: int | None = None) -> torch.Tensor:
+    """Summed token loss of a causal LM on one pack: the plain way (the model's logits), or with
+    `chunk_tokens`, the decoder's last hidden state through the chunked LM-head loss. Run it under
+    the forward's autocast; both ways give the same loss and gradients."""
+    if chunk_tokens is None:
+        return token_loss_sum(model(**model_inputs).logits[0], target_ids_T)
+    hidden_TH = model.get_decoder()(**model_inputs).last_hidden_state[0]
+    head = model.get_output_embeddings()
+    return chunked_cross_entropy_sum(hidden_TH, head.weight, head.bias, target_ids_T, chunk_tokens)

@@ -1,0 +1,50 @@
+"""LoRA adapters through peft (`model.lora`), and the export that merges them back into the weights.
+
+Adapters are added after the model is built and before checkpointing wraps its layers, so peft
+matches module names of the unwrapped model. Only the adapter weights train; the attention
+backend and the packing path are unchanged, so packed exactness holds with adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zeropad.config import LoraConfig
+from zeropad.errors import ConfigError
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("model.lora needs peft: pip install 'zeropad[lora]' (or set model.lora: null)") from None
+    return peft
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("peft.")
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig | None) -> torch.nn.Module:
+    """The model with LoRA adapters on `cfg.target_modules` (base weights frozen), or `model` itself
+    when `cfg` is None. peft's default init (B = 0) makes the adapted model start equal to the base."""
+    if cfg is None:
+        return model
+    peft = _peft()
+    lora = peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return peft.get_peft_model(model, lora)
+    except ValueError as err:  # peft names unmatched target modules in its ValueError
+        raise ConfigError(f"model.lora.target_modules: {err}") from None
+
+
+def merged_for_export(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain Hugging Face model to save to final/: with adapters, they are merged into the base
+    weights (W + alpha/r * B A) and removed, so `AutoModelForCausalLM.from_pretrained` loads it with
+    no peft. The merge is in place (no second copy of the model): call it once training is over."""
+    if not is_adapted(model):
+        return model
+    return model.merge_and_unload()

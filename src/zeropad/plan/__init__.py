@@ -1,0 +1,1 @@
+"""Memory planning: predict a run's memory per device from its config, and fit it to a device."""

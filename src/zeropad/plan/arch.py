@@ -1,0 +1,82 @@
+"""The architecture facts memory depends on, read from a model built on the meta device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zeropad.model.checkpointing import decoder_layers
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What memory depends on, read from a (meta-device) model and its config."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    qk_norm: bool  # Qwen3 normalises q and k per head: two more RMSNorms' worth of saved tensors
+    num_moe_layers: int
+    num_experts: int
+    experts_per_token: int
+    moe_intermediate: int
+    shared_intermediate: int  # always-on shared experts of a MoE layer (DeepSeek, Qwen2-MoE)
+    num_params: int
+    num_trainable_params: int  # all of them, or the adapters' with LoRA: what has gradients and optimizer state
+    num_active_params: int  # per token: MoE layers count only experts_per_token of their experts
+    num_expert_params: int  # routed experts' weights (grouped_mm runs them in the weights' dtype)
+    num_matmul_params: int  # weights of all matmuls, experts and the LM head included
+    num_head_params: int  # the output embedding (LM head)
+    max_layer_params: int  # the largest decoder layer: what FSDP gathers at a time
+
+
+def arch_of(model: torch.nn.Module) -> Arch:
+    """Works on a meta-device model: only shapes and counts are read."""
+    cfg = model.config.get_text_config()
+    layers = [layer for _, layer in decoder_layers(model)]
+    assert len(layers) == cfg.num_hidden_layers, f"{type(model).__name__}: decoder layers not found"
+    params = dict(model.named_parameters())  # deduplicated: tied embeddings count once
+    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None) or 0
+    top_k = getattr(cfg, "num_experts_per_tok", None) or 0
+    expert_params = sum(p.numel() for n, p in params.items() if ".experts." in n)
+    embedding = model.get_input_embeddings().weight
+    tied = any(p is embedding for n, p in params.items() if "lm_head" in n) or cfg.tie_word_embeddings
+    moe_intermediate = getattr(cfg, "moe_intermediate_size", 0) or 0
+    shared = (getattr(cfg, "shared_expert_intermediate_size", 0) or 0) + (
+        (getattr(cfg, "n_shared_experts", 0) or 0) * moe_intermediate)
+    num_params = sum(p.numel() for p in params.values())
+    num_trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return Arch(
+        num_layers=len(layers), hidden=cfg.hidden_size, intermediate=getattr(cfg, "intermediate_size", 0) or 0,
+        num_heads=cfg.num_attention_heads, num_kv_heads=getattr(cfg, "num_key_value_heads", None)
+        or cfg.num_attention_heads, head_dim=head_dim, vocab=cfg.vocab_size,
+        qk_norm=any(hasattr(getattr(layer, "self_attn", None), "q_norm") for layer in layers),
+        num_moe_layers=sum(hasattr(getattr(layer, "mlp", None), "experts") for layer in layers),
+        num_experts=num_experts, experts_per_token=top_k, moe_intermediate=moe_intermediate,
+        shared_intermediate=shared, num_params=num_params, num_trainable_params=num_trainable,
+        num_active_params=num_params - expert_params + (expert_params * top_k // num_experts if num_experts else 0),
+        num_expert_params=expert_params,
+        num_head_params=model.get_output_embeddings().weight.numel(),
+        num_matmul_params=sum(p.numel() for p in params.values() if p.ndim >= 2)
+        - (0 if tied else embedding.numel()),
+        max_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+    )
+
+
+def meta_model(model_cfg) -> torch.nn.Module:
+    """The model with shapes and no storage (LoRA adapters included): no weights are loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from zeropad.model.load import build_model_config
+    from zeropad.model.lora import apply_lora
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            build_model_config(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
+        return apply_lora(model, model_cfg.lora)

@@ -1,0 +1,144 @@
+"""`zeropad plan`: the memory plan of a config as an aligned table (or JSON), with a recommendation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+import torch
+
+from zeropad.config import Config
+from zeropad.errors import ConfigError
+from zeropad.plan.arch import Arch, arch_of, meta_model
+from zeropad.plan.fit import (MARGIN, Option, budget_bytes, detect_device_bytes, options, parse_size, recommend,
+                              setup_from_config)
+from zeropad.plan.memory import (GB, OPTIMIZER_STATE_BYTES, PRECISIONS, STRATEGIES, Component, Setup, device_total,
+                                 model_states, plan)
+
+
+def fmt_bytes(n: float) -> str:
+    if n == 0:
+        return "-"
+    if n >= 0.1 * GB:
+        return f"{n / GB:,.1f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def describe_model(a: Arch) -> str:
+    text = f"{a.num_params / 1e9:.3g}B parameters"
+    if a.num_trainable_params != a.num_params:
+        text += f" ({a.num_trainable_params / 1e6:.3g}M trained)"
+    if a.num_experts:
+        text += (f", {a.num_active_params / 1e9:.3g}B activated per token ({a.experts_per_token} of "
+                 f"{a.num_experts} experts in {a.num_moe_layers} MoE layers)")
+    return text
+
+
+def _states_by_strategy(a: Arch, setup: Setup) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name in STRATEGIES:
+        rows = model_states(a.num_params, replace(setup, strategy=name), a.num_trainable_params)
+        out[name] = (sum(r.device for r in rows), sum(r.host for r in rows))
+    return out
+
+
+def build(a: Arch, setup: Setup, tokens: int, device_bytes: float | None) -> dict:
+    """Everything `zeropad plan` reports, as plain data (the --json output). With checkpointing
+    `auto`, the table shows the policy auto would pick."""
+    opts = best = None
+    if device_bytes is not None:
+        opts = options(a, setup, tokens, budget_bytes(device_bytes))
+        best = recommend(opts, tokens)
+    if setup.checkpointing == "auto":
+        if device_bytes is None:
+            raise ConfigError("memory.checkpointing=auto: give the device's memory (--device-memory or "
+                              "memory.device_gb) so that the planner can choose")
+        setup = replace(setup, checkpointing=best.policy if best else "full")
+    rows = plan(a, setup, tokens)
+    result = {
+        "model": {**asdict(a), "description": describe_model(a)},
+        "setup": asdict(setup),
+        "tokens": tokens,
+        "components": [asdict(r) for r in rows],
+        "total_device_bytes": device_total(rows),
+        "total_host_bytes": sum(r.host for r in rows),
+        "model_states_by_strategy": {k: {"device_bytes": d, "host_bytes": h}
+                                     for k, (d, h) in _states_by_strategy(a, setup).items()},
+        "device_memory_bytes": device_bytes,
+    }
+    if opts is not None:
+        result["options"] = [asdict(o) for o in opts]
+        result["recommendation"] = asdict(best) if best else None
+    return result
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in [header, *rows]]
+
+
+def render(result: dict) -> str:
+    s, a = result["setup"], result["model"]
+    lines = [
+        f"model: {a['description']}, {a['num_layers']} layers, hidden {a['hidden']}, vocab {a['vocab']}",
+        f"setup: {s['precision']}, {s['optimizer']}, {s['strategy']} on {s['num_devices']} device(s), "
+        f"pack.max_tokens={result['tokens']}, checkpointing {s['checkpointing']}, "
+        f"{'chunked' if s['chunked_loss'] else 'plain'} loss, {s['backend']} attention path",
+        "",
+    ]
+    components = [Component(**c) for c in result["components"]]
+    rows = [[c.name, c.phase, fmt_bytes(c.device), fmt_bytes(c.host), c.note] for c in components]
+    rows.append(["peak", "", fmt_bytes(result["total_device_bytes"]), fmt_bytes(result["total_host_bytes"]),
+                 "always + the larger phase (fwd/bwd or step)"])
+    lines += _table(["component", "phase", "per device", "host", "note"], rows, right={2, 3})
+    by_strategy = "  ".join(
+        f"{k} {fmt_bytes(v['device_bytes'])}" + (f" (+{fmt_bytes(v['host_bytes'])} host)" if v["host_bytes"] else "")
+        for k, v in result["model_states_by_strategy"].items())
+    lines += ["", f"model states per device by strategy: {by_strategy}"]
+    device_bytes = result["device_memory_bytes"]
+    if device_bytes is None:
+        lines += ["", "no device memory known: pass --device-memory (e.g. 80GB) for a recommendation"]
+        return "\n".join(lines)
+    lines += ["", f"device memory {fmt_bytes(device_bytes)}; plans must fit {fmt_bytes(budget_bytes(device_bytes))} "
+              f"(a {MARGIN:.0%} margin)", ""]
+    opts = [Option(**o) for o in result["options"]]
+    rows = [[o.policy, f"{o.recompute:.0%}", fmt_bytes(o.device_bytes), f"{o.largest_tokens:,}" if o.largest_tokens
+             else "does not fit"] for o in opts]
+    lines += _table(["checkpointing", "recompute", f"memory at {result['tokens']:,} tokens",
+                     "largest pack.max_tokens"], rows, right={1, 2, 3})
+    best = result["recommendation"]
+    if best is None:
+        lines += ["", "recommendation: the model states alone do not fit; shard them over more devices "
+                  "(--devices, --strategy zero3), offload them, or train with LoRA"]
+    elif best["largest_tokens"] < result["tokens"]:
+        lines += ["", f"recommendation: pack.max_tokens={best['largest_tokens']} memory.checkpointing={best['policy']}"
+                  f" ({result['tokens']} tokens do not fit with any policy)"]
+    else:
+        lines += ["", f"recommendation: memory.checkpointing={best['policy']} (least recompute that fits "
+                  f"{result['tokens']} tokens); with it, up to pack.max_tokens={best['largest_tokens']}"]
+    return "\n".join(lines)
+
+
+def run(cfg: Config, *, num_devices: int, device_memory: str | None, strategy: str | None, precision: str | None,
+        optimizer: str, as_json: bool) -> str:
+    """`zeropad plan`'s output for a config. The device budget: --device-memory, else
+    memory.device_gb, else this machine's GPU (or its RAM for a CPU run); without one, no recommendation."""
+    for name, value, known in (("--strategy", strategy, STRATEGIES), ("--precision", precision, PRECISIONS),
+                               ("--optimizer", optimizer, OPTIMIZER_STATE_BYTES)):
+        if value is not None and value not in known:
+            raise ConfigError(f"{name} {value}: must be one of {', '.join(known)}")
+    on_cpu = cfg.train.device == "cpu"
+    setup = setup_from_config(
+        cfg, "cpu" if on_cpu else "cuda", num_devices=num_devices, optimizer=optimizer,
+        strategy=strategy or ("none" if num_devices == 1 else "zero3"), precision=precision or cfg.train.dtype)
+    if device_memory is not None:
+        device_bytes = parse_size(device_memory)
+    elif cfg.memory.device_gb:
+        device_bytes = cfg.memory.device_gb * GB
+    elif on_cpu or torch.cuda.is_available():
+        device_bytes = detect_device_bytes(torch.device("cpu" if on_cpu else "cuda"))
+    else:
+        device_bytes = None
+    result = build(arch_of(meta_model(cfg.model)), setup, cfg.pack.max_tokens, device_bytes)
+    return json.dumps(result, indent=2) if as_json else render(result)

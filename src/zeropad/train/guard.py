@@ -1,0 +1,185 @@
+"""What keeps a run alive, called from the loop: resume, periodic checkpoints, stop signals
+(SIGTERM/SIGINT) and non-finite steps. The checkpoint files themselves are zeropad.train.state."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import signal
+import threading
+from pathlib import Path
+
+from zeropad.config import Config
+from zeropad.errors import ConfigError, Preempted, TooManyBadSteps, ZeropadError
+from zeropad.train.state import (Position, checkpoint_root, load_checkpoint, prune, resume_newest, save_checkpoint,
+                                 step_dirs, supersede_newer)
+
+SECOND_INTERRUPT_EXIT = 130  # 128 + SIGINT, the shell's convention for "killed by Ctrl-C"
+
+
+class StopSignals:
+    """While armed, SIGTERM and SIGINT ask the run to stop after the current optimizer step.
+    A second SIGINT exits at once (the last complete checkpoint stays usable: saves are atomic)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.disarm()
+
+    def arm(self) -> None:
+        # Python only delivers signals to the main thread; elsewhere the caller keeps its own handling.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def disarm(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        # os.write, not print: a handler that prints while the interrupted code prints can raise
+        # "reentrant call" inside the buffered writer.
+        if self.requested is not None and signum == signal.SIGINT:
+            os.write(2, b"\nsecond interrupt: exiting now, without a checkpoint\n")
+            os._exit(SECOND_INTERRUPT_EXIT)
+        self.requested = signal.Signals(signum).name
+        os.write(2, f"\n{self.requested}: finishing this step, then saving a checkpoint "
+                    "(Ctrl-C again to exit at once)\n".encode())
+
+
+class RunGuard:
+    def __init__(self, cfg: Config, model, optimizer, scheduler, loader, tokenizer, stop: StopSignals, say=print):
+        self.cfg, self.output_dir, self.say, self.stop = cfg, Path(cfg.output_dir), say, stop
+        self.model, self.optimizer, self.scheduler, self.loader, self.tokenizer = (
+            model, optimizer, scheduler, loader, tokenizer)
+        self.position = Position()
+        self.saved_step: int | None = None
+        self.consecutive_bad = 0
+
+    def resume(self) -> int:
+        """Restore the state `resume:` asks for; the step the run continues after (0 when fresh).
+        metrics.jsonl keeps only the records up to that step, so it reads as one uninterrupted run."""
+        root, mode = checkpoint_root(self.output_dir), self.cfg.resume
+        found = None
+        if mode is None:
+            if step_dirs(root):
+                raise ConfigError(
+                    f"resume: {root} holds checkpoints of an earlier run (newest {step_dirs(root)[-1][1].name}); "
+                    "set resume=auto to continue it, or choose another output_dir")
+        elif mode == "auto":
+            found = resume_newest(root, self.model, self.optimizer, self.scheduler, self.say)
+            if found is None and step_dirs(root):
+                raise ZeropadError(f"resume: no usable checkpoint in {root} (each one's problem is printed above)")
+            if found is None:
+                self.say(f"resume=auto: no checkpoint in {root} yet; starting fresh")
+        else:
+            path = Path(mode)
+            found = path, load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        if found is None:
+            _trim_metrics(self.output_dir / "metrics.jsonl", None)
+            return 0
+        path, self.position = found
+        changed = _changed_keys(json.loads((path / "config.json").read_text()), json.loads(self.cfg.model_dump_json()))
+        if changed:
+            self.say(f"resume: config differs from the checkpoint's in {', '.join(changed)}; the optimizer and LR "
+                     "schedule state (learning rates included) continue from the checkpoint")
+        supersede_newer(root, self.position.step, self.say)
+        self.loader.epoch, self.loader.index = self.position.epoch, self.position.index
+        self.saved_step = self.position.step
+        _trim_metrics(self.output_dir / "metrics.jsonl", self.position.step)
+        self.say(f"resumed from {path} at step {self.position.step} "
+                 f"(epoch {self.position.epoch}, {self.position.index} packs into it)")
+        return self.position.step
+
+    def observe(self, record: dict) -> None:
+        """Count the step; mark it in its metrics record when its update was skipped (non-finite)."""
+        self.position.step = record["step"]
+        self.position.tokens_seen += record["tokens"]
+        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            self.consecutive_bad = 0
+            return
+        self.consecutive_bad += 1
+        self.position.bad_steps += 1
+        record.update(skipped_bad_step=True, bad_steps=self.position.bad_steps)
+        self.say(f"step {record['step']}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
+                 f"update skipped ({self.consecutive_bad} in a row, stop at {self.cfg.train.max_bad_steps})")
+
+    def end_step(self, step: int) -> None:
+        """Checkpoint when due; after a stop signal or too many bad steps, checkpoint and stop."""
+        every = self.cfg.checkpoint.every_steps
+        too_many = self.consecutive_bad >= self.cfg.train.max_bad_steps
+        if (every and step % every == 0) or self.stop.requested or too_many:
+            self.save()
+        if too_many:
+            raise TooManyBadSteps(
+                f"{self.consecutive_bad} consecutive steps (up to step {step}) had a non-finite loss or gradient "
+                f"norm, so their updates were skipped; checkpoint (last good weights) saved to {self._path()}. "
+                "Lower train.lr, check the data, or raise train.max_bad_steps", str(self._path()))
+        if self.stop.requested:
+            raise Preempted(f"{self.stop.requested} after step {step}: checkpoint saved to {self._path()}",
+                            str(self._path()))
+
+    def finish(self) -> None:
+        """The end-of-run checkpoint; stop signals get their usual meaning back."""
+        self.stop.disarm()
+        if self.saved_step != self.position.step:
+            self.save()
+
+    def save(self) -> None:
+        if self.saved_step == self.position.step:
+            return
+        self.position.epoch, self.position.index = self.loader.epoch, self.loader.index
+        path = save_checkpoint(self.output_dir, self.position, self.model, self.optimizer, self.scheduler,
+                               self.tokenizer, self.cfg.model_dump_json(indent=2))
+        prune(self.output_dir, self.cfg.checkpoint.keep, self.position.step)
+        self.saved_step = self.position.step
+        self.say(f"checkpoint: {path}")
+
+    def _path(self) -> Path:
+        return checkpoint_root(self.output_dir) / f"step_{self.position.step:06d}"
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, ignoring where the run writes and how it was resumed."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        if dotted in ("resume", "output_dir"):
+            continue
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            changed += _changed_keys(old[key], new[key], f"{dotted}.")
+        elif old.get(key) != new.get(key):
+            changed.append(dotted)
+    return changed
+
+
+def _trim_metrics(path: Path, step: int | None) -> None:
+    """Drop metrics records after `step` (all of them when None: a fresh run) and any line cut short
+    by a crash mid-write; rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    if step is not None:
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments, with resume=auto."""
+    args = [arg for arg in argv if not arg.startswith("resume=")]
+    return shlex.join(["zeropad", *args, "resume=auto"])

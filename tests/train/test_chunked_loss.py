@@ -1,0 +1,114 @@
+"""The chunked LM-head cross-entropy equals the plain one (logits, then cross-entropy), with masked
+labels, under bf16 autocast, and inside a training step; it never saves the [T, V] logits."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinymodels import FAMILIES, tiny_model
+from zeropad.model.checkpointing import saved_activation_bytes
+from zeropad.pack.collate import IGNORE_INDEX, collate
+from zeropad.train.loop import accumulate_gradients
+from zeropad.train.loss import chunked_cross_entropy_sum, chunked_loss_unsupported, token_loss_sum
+from zeropad.verify import random_documents
+
+T, H, V = 300, 32, 1000
+
+
+def _inputs(bias: bool, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).requires_grad_()
+    b = torch.randn(V, generator=g).requires_grad_() if bias else None
+    targets = torch.randint(0, V, (T,), generator=g)
+    targets[torch.rand(T, generator=g) < 0.3] = IGNORE_INDEX  # prompt tokens and document ends
+    return hidden, weight, b, targets
+
+
+def _loss_and_grads(loss_fn, hidden, weight, bias, targets):
+    tensors = [t for t in (hidden, weight, bias) if t is not None]
+    for t in tensors:
+        t.grad = None
+    num_targets = (targets != IGNORE_INDEX).sum()
+    loss = loss_fn(hidden, weight, bias, targets) / num_targets  # the token mean, as the loop computes
+    loss.backward()
+    return loss.detach(), [t.grad.clone() for t in tensors]
+
+
+def _plain(hidden, weight, bias, targets):
+    return token_loss_sum(F.linear(hidden, weight, bias), targets)
+
+
+def _chunked(chunk_tokens):
+    return lambda hidden, weight, bias, targets: chunked_cross_entropy_sum(hidden, weight, bias, targets, chunk_tokens)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 128, T, 4096])
+def test_chunked_equals_plain_fp32(chunk_tokens, bias):
+    inputs = _inputs(bias)
+    loss, grads = _loss_and_grads(_chunked(chunk_tokens), *inputs)
+    ref_loss, ref_grads = _loss_and_grads(_plain, *inputs)
+    assert (loss - ref_loss).abs().item() <= 1e-5
+    for grad, ref in zip(grads, ref_grads):
+        assert (grad - ref).abs().max().item() <= 1e-5
+
+
+def test_chunked_equals_plain_under_bf16_autocast():
+    """Both paths do the LM-head matmuls in bf16 and the softmax in fp32. They differ in bf16
+    rounding only: the plain path rounds the whole weight gradient (a sum over all T tokens) to
+    bf16 once, the chunked path rounds each chunk's part and sums those in fp32. bf16 keeps 8
+    significant bits (relative step 2^-8 = 0.4%), so the tolerance is 1% of each tensor's largest
+    value; the loss itself (fp32 from bf16 logits) agrees to 1e-5."""
+    inputs = _inputs(bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(_chunked(64), *inputs)
+        ref_loss, ref_grads = _loss_and_grads(_plain, *inputs)
+    assert (loss - ref_loss).abs().item() <= 1e-5
+    for grad, ref in zip(grads, ref_grads):
+        assert grad.dtype == ref.dtype == torch.float32
+        assert (grad - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+def test_all_targets_masked_gives_zero_loss_and_gradients():
+    hidden, weight, bias, targets = _inputs(bias=True)
+    loss = chunked_cross_entropy_sum(hidden, weight, bias, torch.full_like(targets, IGNORE_INDEX), 64)
+    loss.backward()
+    assert loss.item() == 0 and not hidden.grad.any() and not weight.grad.any() and not bias.grad.any()
+
+
+def test_chunked_loss_saves_no_logits():
+    hidden, weight, _, targets = _inputs(bias=False)
+    plain = saved_activation_bytes(lambda: _plain(hidden, weight, None, targets), params=[weight])
+    chunked = saved_activation_bytes(lambda: _chunked(64)(hidden, weight, None, targets), params=[weight])
+    assert plain >= T * V * 4  # the fp32 log-softmax of the logits
+    assert chunked <= hidden.nbytes + targets.nbytes + T * 4  # hidden, targets, per-token log-sum-exp
+
+
+def _step(model, chunk_tokens):
+    model.zero_grad(set_to_none=True)
+    packs = [collate(random_documents(model.config.vocab_size, lengths, seed=i))
+             for i, lengths in enumerate([[37, 5, 60], [21, 44]])]
+    loss = accumulate_gradients(model, packs, contextlib.nullcontext(), chunk_tokens)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_args", [(f, {}) for f in FAMILIES] + [("qwen3", {"tie_word_embeddings": True})],
+                         ids=[*FAMILIES, "qwen3-tied"])
+def test_training_step_is_unchanged(model_args):
+    family, overrides = model_args
+    model = tiny_model(family, **overrides).train()
+    assert chunked_loss_unsupported(model) is None
+    loss, grads = _step(model, 16)
+    ref_loss, ref_grads = _step(model, None)
+    assert abs(loss - ref_loss) <= 1e-6
+    for name, grad in grads.items():
+        assert (grad - ref_grads[name]).abs().max().item() <= 1e-5, name
+
+
+def test_logit_softcapping_falls_back_with_a_reason():
+    model = tiny_model("qwen3")
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in chunked_loss_unsupported(model)

@@ -1,0 +1,174 @@
+"""Checkpoints in-process: contents and loading rules, keep-last-N, fallback past a corrupt newest
+one, resume refusals, and the export round trip."""
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from typer.testing import CliRunner
+
+from tinyrun import step_records
+from zeropad.cli import app
+from zeropad.config import build_config
+from zeropad.errors import ConfigError, ZeropadError
+from zeropad.train import guard
+from zeropad.train.guard import StopSignals
+from zeropad.train.loop import train
+from zeropad.train.state import MANIFEST, CorruptCheckpoint, checkpoint_root, step_dirs
+
+
+@pytest.fixture
+def trained(tiny_run):
+    """A finished 8-step run with a checkpoint every 2 steps, keep 2."""
+    cfg = build_config(tiny_run(checkpoint={"every_steps": 2, "keep": 2}))
+    result = train(cfg)
+    return cfg, result
+
+
+def test_checkpoint_holds_everything_and_keeps_the_last_two(trained):
+    cfg, _ = trained
+    root = checkpoint_root(cfg.output_dir)
+    assert [step for step, _ in step_dirs(root)] == [6, 8]
+    assert not list(root.glob(".tmp-*"))
+    ckpt = root / "step_000008"
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    for name in ["model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json",
+                 "model/config.json", "model/generation_config.json", "tokenizer/tokenizer.json"]:
+        assert manifest["files"][name] == (ckpt / name).stat().st_size
+    # weights_only: loading runs no pickled code
+    trainer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert trainer["scheduler"]["last_epoch"] == 8 and trainer["optimizer"]["state"]
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    assert set(rng) >= {"python", "numpy", "torch"}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 8 and state["tokens_seen"] > 0 and state["bad_steps"] == 0
+    assert load_file(ckpt / "model.safetensors")
+    assert json.loads((ckpt / "config.json").read_text())["checkpoint"]["every_steps"] == 2
+
+
+def test_data_counts_reach_metrics_and_summary(trained):
+    cfg, result = trained
+    first = json.loads(open(f"{cfg.output_dir}/metrics.jsonl").readline())
+    assert first["step"] == 0 and first["data"]["records"] == 40 and first["data"]["skipped"] == 0
+    summary = json.loads(open(f"{cfg.output_dir}/summary.json").read())
+    assert summary["data_counts"]["samples"] == 40 and summary["bad_steps"] == 0
+
+
+def test_a_fresh_run_refuses_to_mix_with_an_earlier_ones_checkpoints(trained):
+    cfg, _ = trained
+    with pytest.raises(ConfigError, match="resume=auto"):
+        train(cfg)
+
+
+def test_resume_auto_falls_back_past_a_truncated_newest_and_says_why(trained, capsys):
+    cfg, _ = trained
+    root = checkpoint_root(cfg.output_dir)
+    weights = root / "step_000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    resumed = train(cfg.model_copy(update={"resume": "auto"}))
+    out = capsys.readouterr().out
+    assert "step_000008 is unusable" in out and "truncated" in out and "falling back" in out
+    assert "resumed from" in out and "step_000006" in out
+    assert [r["step"] for r in step_records(cfg.output_dir)] == list(range(1, 9))
+    assert (root / "step_000008" / MANIFEST).is_file()  # re-saved, complete
+    assert resumed.final_loss == step_records(cfg.output_dir)[-1]["loss"]
+
+
+def test_missing_marker_means_unfinished(trained, capsys):
+    cfg, _ = trained
+    (checkpoint_root(cfg.output_dir) / "step_000008" / MANIFEST).unlink()
+    train(cfg.model_copy(update={"resume": "auto"}))
+    assert "no COMPLETE marker" in capsys.readouterr().out
+
+
+def test_resume_path_to_a_bad_checkpoint_is_a_clear_error(trained, tmp_path):
+    cfg, _ = trained
+    with pytest.raises(CorruptCheckpoint, match="no such checkpoint directory"):
+        train(cfg.model_copy(update={"resume": str(tmp_path / "nope")}))
+    ckpt = checkpoint_root(cfg.output_dir) / "step_000006"
+    (ckpt / "optimizer.pt").write_bytes(b"x" * (ckpt / "optimizer.pt").stat().st_size)  # same size, garbage
+    with pytest.raises(CorruptCheckpoint, match="unreadable training state"):
+        train(cfg.model_copy(update={"resume": str(ckpt)}))
+
+
+def test_resume_from_an_older_checkpoint_moves_newer_ones_aside(trained, capsys):
+    cfg, _ = trained
+    root = checkpoint_root(cfg.output_dir)
+    train(cfg.model_copy(update={"resume": str(root / "step_000006")}))
+    assert "moved 1 newer checkpoint(s)" in capsys.readouterr().out
+    assert (root / "superseded" / "step_000008" / MANIFEST).is_file()
+    assert [step for step, _ in step_dirs(root)] == [6, 8]
+
+
+def test_no_usable_checkpoint_at_all_is_an_error(trained):
+    cfg, _ = trained
+    for _, path in step_dirs(checkpoint_root(cfg.output_dir)):
+        (path / MANIFEST).unlink()
+    with pytest.raises(ZeropadError, match="no usable checkpoint"):
+        train(cfg.model_copy(update={"resume": "auto"}))
+
+
+def test_export_round_trip_logits_equal(trained, tmp_path):
+    cfg, result = trained
+    out = tmp_path / "hf"
+    cli = CliRunner().invoke(app, ["export", cfg.output_dir, str(out)])  # an output dir: its newest checkpoint
+    assert cli.exit_code == 0, cli.output
+    assert "step_000008" in cli.output
+    for name in ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json"]:
+        assert (out / name).is_file(), name
+    assert "zeropad" not in (out / "config.json").read_text()  # loads without zeropad's attention
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    GenerationConfig.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    ids = torch.randint(0, 259, (1, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained_logits = result.model.eval()(input_ids=ids, position_ids=torch.arange(37)[None]).logits
+        exported_logits = exported(input_ids=ids).logits
+    assert (trained_logits - exported_logits).abs().max().item() <= 1e-6
+
+
+def test_a_second_sigint_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(guard.os, "_exit", lambda code: exits.append(code))
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        stop.arm()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == "SIGINT" and not exits
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [guard.SECOND_INTERRUPT_EXIT]
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
+
+
+def test_lora_with_activation_checkpointing_resumes_exactly_and_exports_merged(tiny_run, tmp_path):
+    pytest.importorskip("peft")
+    cfg = build_config(tiny_run(model={"lora": {"r": 4}}, memory={"checkpointing": "selective"},
+                                train={"steps": 4}, checkpoint={"every_steps": 2}))
+    train(cfg)
+    out = tmp_path / "out"
+    final = load_file(out / "final/model.safetensors")
+    export_dir = tmp_path / "hf"
+    assert CliRunner().invoke(app, ["export", str(out / "checkpoints/step_000004"), str(export_dir)]).exit_code == 0
+    exported = load_file(export_dir / "model.safetensors")
+    assert not any("lora" in k for k in exported)
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
+    losses = [r["loss"] for r in step_records(out)]
+    shutil.rmtree(out / "checkpoints/step_000004")
+    train(cfg.model_copy(update={"resume": "auto"}))
+    assert [r["loss"] for r in step_records(out)] == losses
+    resumed = load_file(out / "final/model.safetensors")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_resume_with_more_steps_continues_and_names_the_config_change(trained, capsys):
+    cfg, _ = trained
+    longer = cfg.model_copy(update={"resume": "auto", "train": cfg.train.model_copy(update={"steps": 10})})
+    train(longer)
+    assert "config differs from the checkpoint's in train.steps" in capsys.readouterr().out
+    assert [r["step"] for r in step_records(cfg.output_dir)] == list(range(1, 11))

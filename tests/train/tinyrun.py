@@ -1,0 +1,49 @@
+"""A tiny from-scratch run for the checkpoint, resume and fault tests: ~0.1M parameters, the
+offline demo tokenizer, 40 short alpaca records, fp32 on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tinymodels import TINY
+from zeropad.demo.tokenizer import build_tokenizer
+
+
+def write_run_files(root: Path) -> tuple[Path, Path]:
+    """(tokenizer dir, data file) under root."""
+    tokenizer_dir = root / "tokenizer"
+    tokenizer = build_tokenizer(tokenizer_dir)
+    data = root / "data.jsonl"
+    with data.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"instruction": f"Repeat {i}", "input": "", "output": f"{i} " * (1 + i % 7)}) + "\n")
+    assert len(tokenizer) <= 259
+    return tokenizer_dir, data
+
+
+def run_config(root: Path, output_dir: Path, **sections) -> dict:
+    """The tiny run's config dict; `sections` are merged into each section (train={...})."""
+    tokenizer_dir, data = root / "tokenizer", root / "data.jsonl"
+    if not data.is_file():
+        write_run_files(root)
+    cfg = {
+        "model": {"config": {"model_type": "qwen3", **TINY, "vocab_size": 259}, "tokenizer": str(tokenizer_dir)},
+        "data": {"sources": [{"path": str(data), "format": "alpaca"}], "cache_dir": str(root / "cache"),
+                 "num_workers": 0},
+        "pack": {"max_tokens": 96},
+        "train": {"steps": 8, "lr": 3e-3, "warmup_steps": 2, "device": "cpu"},
+        "log": {"progress": False},
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    return cfg
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_records(output_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(output_dir) if "loss" in r]
