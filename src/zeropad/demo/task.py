@@ -122,6 +122,8 @@ def default_config(out_dir: str) -> dict:
             "seed": 0,
         },
         "eval": {"split": 0.01},
+        # Running the default twice continues (or just re-reports) the same run instead of refusing.
+        "resume": "auto",
         "output_dir": str(out_dir),
     }
 
