@@ -73,18 +73,21 @@ def reference_forward_backward(model, docs: list[Sample]) -> tuple[torch.Tensor,
     return torch.cat(all_logits), _grads(model)
 
 
-def check_exactness(model, doc_lengths: list[int], seed: int = 0, tolerance: float = TOLERANCE) -> ExactnessReport:
-    """Compares packed (zeropad_varlen) against per-document eager on the same weights, in fp32."""
-    docs = random_documents(model.config.get_text_config().vocab_size, doc_lengths, seed)
-    was_training, previous = model.training, model.config._attn_implementation
+def compare_passes(model, reference, packed, packed_attn, doc_lengths: list[int], tolerance: float = TOLERANCE,
+                   restore_attn=None) -> ExactnessReport:
+    """Runs `reference()` with eager attention and `packed()` with `packed_attn` on the same weights,
+    each returning (logits, gradients), and reports the largest differences. The model's attention
+    implementation is then set to `restore_attn` (default: what it was)."""
+    was_training = model.training
+    restore_attn = restore_attn or model.config._attn_implementation
     model.eval()  # no dropout, so both passes see the same function
     try:
         model.set_attn_implementation("eager")
-        ref_logits, ref_grads = reference_forward_backward(model, docs)
-        model.set_attn_implementation(ATTN_NAME)
-        packed_logits, packed_grads = packed_forward_backward(model, docs)
+        ref_logits, ref_grads = reference()
+        model.set_attn_implementation(packed_attn)
+        packed_logits, packed_grads = packed()
     finally:
-        model.set_attn_implementation(previous)
+        model.set_attn_implementation(restore_attn)
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     assert ref_grads.keys() == packed_grads.keys(), "packed and reference passes reached different parameters"
@@ -97,3 +100,10 @@ def check_exactness(model, doc_lengths: list[int], seed: int = 0, tolerance: flo
         worst_param=worst,
         tolerance=tolerance,
     )
+
+
+def check_exactness(model, doc_lengths: list[int], seed: int = 0, tolerance: float = TOLERANCE) -> ExactnessReport:
+    """Compares packed (zeropad_varlen) against per-document eager on the same weights, in fp32."""
+    docs = random_documents(model.config.get_text_config().vocab_size, doc_lengths, seed)
+    return compare_passes(model, lambda: reference_forward_backward(model, docs),
+                          lambda: packed_forward_backward(model, docs), ATTN_NAME, doc_lengths, tolerance)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from zeropad.model.attention import ATTN_NAME
-from zeropad.pack.collate import IGNORE_INDEX, varlen_metadata
-from zeropad.verify import TOLERANCE, ExactnessReport
+from zeropad.pack.collate import IGNORE_INDEX, varlen_kwargs, varlen_metadata
+from zeropad.verify import TOLERANCE, ExactnessReport, compare_passes
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values, as transformers' Qwen VL models expect
 
@@ -136,14 +136,8 @@ class MultimodalPack:
 
     def model_inputs(self) -> dict:
         """Keyword arguments for `*VLForConditionalGeneration.forward`: no attention mask, varlen kwargs instead."""
-        inputs = dict(
-            input_ids=self.input_ids,
-            position_ids=self.position_ids,
-            cu_seq_lens_q=self.cu_seqlens,
-            cu_seq_lens_k=self.cu_seqlens,
-            max_length_q=self.max_seqlen,
-            max_length_k=self.max_seqlen,
-        )
+        inputs = dict(input_ids=self.input_ids, position_ids=self.position_ids,
+                      **varlen_kwargs(self.cu_seqlens, self.max_seqlen))
         if self.pixel_values is not None:
             inputs.update(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
         return inputs
@@ -213,23 +207,7 @@ def reference_forward_backward(model, docs: list[VisionDoc]) -> tuple[torch.Tens
 def check_multimodal_exactness(model, docs: list[VisionDoc], tolerance: float = TOLERANCE,
                                vision_attn: str = "sdpa") -> ExactnessReport:
     """Packed (text zeropad_varlen, vision `vision_attn`) against per-document eager, on the same fp32 weights."""
-    was_training = model.training
-    model.eval()  # no dropout, so both passes see the same function
-    try:
-        model.set_attn_implementation("eager")
-        ref_logits, ref_grads = reference_forward_backward(model, docs)
-        model.set_attn_implementation(packed_attn_implementation(vision_attn))
-        packed_logits, packed_grads = packed_forward_backward(model, docs)
-    finally:
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-    assert ref_grads.keys() == packed_grads.keys(), "packed and reference passes reached different parameters"
-    grad_diffs = {n: (packed_grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads}
-    worst = max(grad_diffs, key=grad_diffs.get)
-    return ExactnessReport(
-        doc_lengths=[len(d) for d in docs],
-        max_logit_diff=(packed_logits - ref_logits).abs().max().item(),
-        max_grad_diff=grad_diffs[worst],
-        worst_param=worst,
-        tolerance=tolerance,
-    )
+    packed_attn = packed_attn_implementation(vision_attn)
+    return compare_passes(model, lambda: reference_forward_backward(model, docs),
+                          lambda: packed_forward_backward(model, docs), packed_attn, [len(d) for d in docs],
+                          tolerance, restore_attn=packed_attn)

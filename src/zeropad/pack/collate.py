@@ -24,6 +24,11 @@ def varlen_metadata(doc_lengths: list[int]) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(cu), int(max(doc_lengths))
 
 
+def varlen_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
+    """The varlen keyword arguments transformers forwards to the registered attention function."""
+    return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
+
+
 @dataclass
 class Pack:
     input_ids: torch.Tensor  # int64 [1, T]
@@ -45,14 +50,8 @@ class Pack:
 
     def model_inputs(self) -> dict:
         """Keyword arguments for a Hugging Face causal LM: no attention mask, varlen kwargs instead."""
-        return dict(
-            input_ids=self.input_ids,
-            position_ids=self.position_ids,
-            cu_seq_lens_q=self.cu_seqlens,
-            cu_seq_lens_k=self.cu_seqlens,
-            max_length_q=self.max_seqlen,
-            max_length_k=self.max_seqlen,
-        )
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids,
+                    **varlen_kwargs(self.cu_seqlens, self.max_seqlen))
 
 
 def collate(samples: list[Sample]) -> Pack:
