@@ -132,6 +132,18 @@ class CheckpointConfig(_Strict):
     keep: int = Field(2, gt=0, description="Newest checkpoints kept in OUTPUT_DIR/checkpoints; older ones are deleted.")
 
 
+class ParallelConfig(_Strict):
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="Data parallelism under torchrun: none (one process), ddp (whole model per rank, "
+        "gradients all-reduced) or fsdp (FSDP2 fully_shard of each decoder layer and the root).",
+    )
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free gathered weights after the forward (ZeRO-3, less memory) or keep them "
+        "for the backward (false: ZeRO-2, less communication).",
+    )
+    cpu_offload: bool = Field(False, description="fsdp: keep weight shards, gradients and optimizer state in host memory.")
+
+
 class Config(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -141,6 +153,7 @@ class Config(_Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     resume: str | None = Field(
         None, description="null: start fresh (refused if OUTPUT_DIR has checkpoints); auto: continue from the "
         "newest usable checkpoint in OUTPUT_DIR (fresh if none); or a checkpoint directory to continue from.",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from zeropad.data.chat import Sample
 from zeropad.pack.collate import Pack, collate
-from zeropad.pack.planner import plan_packs, shuffle_packs, stream_packs
+from zeropad.pack.planner import RankAssignment, assign_packs_to_ranks, plan_packs, shuffle_packs, stream_packs
 
 
 class PackLoader:
@@ -24,12 +25,16 @@ class PackLoader:
         return len(self.plan)
 
     def __iter__(self) -> Iterator[Pack]:
+        return (collate(docs) for docs in self.pack_samples())
+
+    def pack_samples(self) -> Iterator[list[Sample]]:
+        """The samples of each pack, not yet collated (a rank collates only its own packs)."""
         while True:
             order = shuffle_packs(self.plan, self.seed, self.epoch)
             while self.index < len(order):
-                pack = collate([self.samples[i] for i in order[self.index]])
+                docs = [self.samples[i] for i in order[self.index]]
                 self.index += 1
-                yield pack
+                yield docs
             self.epoch, self.index = self.epoch + 1, 0
 
 
@@ -43,6 +48,10 @@ class StreamingPackLoader:
         self.epoch, self.index = 0, 0
 
     def __iter__(self) -> Iterator[Pack]:
+        return (collate(docs) for docs in self.pack_samples())
+
+    def pack_samples(self) -> Iterator[list[Sample]]:
+        """The samples of each pack, not yet collated (a rank collates only its own packs)."""
         while True:
             produced = 0
             for i, docs in enumerate(stream_packs(self.samples_for_epoch(self.epoch), len, self.max_tokens, self.buffer,
@@ -51,10 +60,39 @@ class StreamingPackLoader:
                 if i < self.index:  # resuming inside an epoch: skip the packs already trained on
                     continue
                 self.index = i + 1
-                yield collate(docs)
+                yield docs
             if produced == 0:
                 raise ValueError("the data stream produced no samples")
             self.epoch, self.index = self.epoch + 1, 0
+
+
+@dataclass
+class StepPacks:
+    """One optimizer step as one rank sees it."""
+
+    packs: list[Pack]  # this rank's micro-steps
+    num_tokens: int  # real tokens of the whole step, all ranks
+    doc_lengths: list[int]  # document lengths of the whole step, all ranks (for FLOPs)
+    assignment: RankAssignment
+
+
+def step_packs(loader: PackLoader | StreamingPackLoader, micro_steps: int, world_size: int = 1,
+               rank: int = 0) -> Iterator[StepPacks]:
+    """Each optimizer step takes world_size x micro_steps packs from the loader, the packs a
+    single process would take with grad_accum = world_size x micro_steps, and gives this rank
+    its balanced share (planner.assign_packs_to_ranks). Every rank reads the same stream, so
+    the loader position (epoch, index) is the same on all ranks."""
+    stream = loader.pack_samples()
+    while True:
+        step_docs = [next(stream) for _ in range(world_size * micro_steps)]
+        lengths = [[len(s) for s in docs] for docs in step_docs]
+        assignment = assign_packs_to_ranks(lengths, world_size)
+        yield StepPacks(
+            packs=[collate(step_docs[p]) for p in assignment.packs_by_rank[rank]],
+            num_tokens=sum(map(sum, lengths)),
+            doc_lengths=[n for doc in lengths for n in doc],
+            assignment=assignment,
+        )
 
 
 def eval_packs(samples: list[Sample], max_tokens: int) -> list[Pack]:

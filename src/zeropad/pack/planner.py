@@ -247,3 +247,49 @@ def pack_stats(
         utilization=num_tokens / (num_packs * max_tokens) if num_packs else 0.0,
         max_tokens=max_tokens,
     )
+
+
+@dataclass
+class RankAssignment:
+    """One optimizer step's packs split over data-parallel ranks."""
+
+    packs_by_rank: list[list[int]]  # pack positions (into the step's packs) per rank, in input order
+    token_imbalance: float  # max / mean real tokens per rank (1.0 = perfectly even)
+    attention_imbalance: float  # max / mean of Σ document_length² per rank
+
+
+def _imbalance(loads: list[float]) -> float:
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+def assign_packs_to_ranks(pack_doc_lengths: Sequence[Sequence[int]], world_size: int) -> RankAssignment:
+    """Split one optimizer step's packs over ranks: each rank gets the same number of packs
+    (micro-steps), with real tokens and attention cost (Σ len²) balanced.
+
+    Longest-processing-time-first greedy (Graham 1969) under a cardinality constraint: packs in
+    order of decreasing (tokens, Σ len²), ties by position, each to the rank with the smallest
+    load among those that still have a free micro-step; the load is tokens and attention cost,
+    each normalised by its step total, summed. Deterministic: it depends only on the lengths.
+    """
+    num_packs = len(pack_doc_lengths)
+    if world_size <= 0 or num_packs % world_size:
+        raise ValueError(f"{num_packs} packs cannot be split evenly over {world_size} ranks")
+    slots = num_packs // world_size
+    tokens = [sum(doc) for doc in pack_doc_lengths]
+    cost = [sum(n * n for n in doc) for doc in pack_doc_lengths]
+    total_tokens, total_cost = max(1, sum(tokens)), max(1, sum(cost))
+    order = sorted(range(num_packs), key=lambda p: (-tokens[p], -cost[p], p))
+    rank_tokens, rank_cost = [0] * world_size, [0] * world_size
+    packs_by_rank: list[list[int]] = [[] for _ in range(world_size)]
+    for p in order:
+        free = [r for r in range(world_size) if len(packs_by_rank[r]) < slots]
+        r = min(free, key=lambda r: (rank_tokens[r] / total_tokens + rank_cost[r] / total_cost, r))
+        packs_by_rank[r].append(p)
+        rank_tokens[r] += tokens[p]
+        rank_cost[r] += cost[p]
+    return RankAssignment(
+        packs_by_rank=[sorted(ps) for ps in packs_by_rank],
+        token_imbalance=_imbalance(rank_tokens),
+        attention_imbalance=_imbalance(rank_cost),
+    )

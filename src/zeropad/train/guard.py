@@ -13,6 +13,7 @@ from pathlib import Path
 
 from zeropad.config import Config
 from zeropad.errors import ConfigError, Preempted, TooManyBadSteps, ZeropadError
+from zeropad.parallel import distributed
 from zeropad.train.state import (Position, checkpoint_root, load_checkpoint, prune, resume_newest, save_checkpoint,
                                  step_dirs, supersede_newer)
 
@@ -84,7 +85,8 @@ class RunGuard:
             path = Path(mode)
             found = path, load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         if found is None:
-            _trim_metrics(self.output_dir / "metrics.jsonl", None)
+            if distributed.is_main():  # rank 0 alone writes metrics.jsonl
+                _trim_metrics(self.output_dir / "metrics.jsonl", None)
             return 0
         path, self.position = found
         changed = _changed_keys(json.loads((path / "config.json").read_text()), json.loads(self.cfg.model_dump_json()))
@@ -130,12 +132,19 @@ class RunGuard:
     def finish(self) -> None:
         """The end-of-run checkpoint; stop signals get their usual meaning back."""
         self.stop.disarm()
+        if distributed.world_size() > 1:
+            self.say("no end-of-run checkpoint: checkpoints under torchrun are not yet supported "
+                     "(the final model is written)")
+            return
         if self.saved_step != self.position.step:
             self.save()
 
     def save(self) -> None:
         if self.saved_step == self.position.step:
             return
+        if distributed.world_size() > 1:
+            raise ZeropadError(f"step {self.position.step}: checkpoints under torchrun (world size "
+                               f"{distributed.world_size()}) are not yet supported; nothing was saved")
         self.position.epoch, self.position.index = self.loader.epoch, self.loader.index
         path = save_checkpoint(self.output_dir, self.position, self.model, self.optimizer, self.scheduler,
                                self.tokenizer, self.cfg.model_dump_json(indent=2))

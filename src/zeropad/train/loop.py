@@ -15,13 +15,15 @@ import torch
 
 from zeropad.config import Config
 from zeropad.data.chat import Sample, ensure_chat_template
-from zeropad.errors import ConfigError
+from zeropad.errors import ConfigError, ZeropadError
 from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_samples
 from zeropad.model.load import build_model, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack
-from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs
+from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
 from zeropad.model.checkpointing import activation_context, apply_checkpointing, resolve_checkpointing
 from zeropad.model.lora import apply_lora, merged_for_export
+from zeropad.parallel import distributed
+from zeropad.parallel.sharding import full_state_dict, gradient_sync, loss_scale, parallelize, unwrap
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
 from zeropad.train.guard import RunGuard, StopSignals
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
@@ -36,12 +38,6 @@ class TrainResult:
     final_loss: float
     eval_loss: float | None
     report: SampleReport
-
-
-def _device(cfg: Config) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
 
 
 def _seed_everything(seed: int) -> None:
@@ -63,30 +59,40 @@ def forward_loss_sum(model, pack: Pack, autocast, loss_chunk_tokens: int | None 
 
 
 def accumulate_gradients(model, packs: list[Pack], autocast, loss_chunk_tokens: int | None = None,
-                         activations=contextlib.nullcontext()) -> float:
-    """Backward over the micro-steps of one optimizer step. Each pack's loss sum is divided by the
-    step's total target count, so the summed gradient is that of the token mean over the step.
+                         activations=contextlib.nullcontext(), num_targets: int | None = None) -> float:
+    """Backward over this process's micro-steps of one optimizer step. Each pack's loss sum is
+    divided by the step's total target count (`num_targets`: over all ranks, all-reduced; by
+    default this process's packs), so the summed gradient is that of the token mean over the step.
+    Gradients are synchronised across ranks on the last micro-step only.
     `activations` (checkpointing.activation_context) holds each micro-step's saved tensors."""
-    num_targets = sum(p.num_targets for p in packs)
+    num_targets = sum(p.num_targets for p in packs) if num_targets is None else num_targets
     assert num_targets > 0, "every sample carries at least one target token"
+    scale = loss_scale(model)  # DDP averages over ranks; the global mean needs their sum
     loss_total = torch.zeros(())
-    for pack in packs:
-        with activations:
+    for i, pack in enumerate(packs):
+        with gradient_sync(model, enabled=i == len(packs) - 1), activations:
             loss = forward_loss_sum(model, pack, autocast, loss_chunk_tokens) / num_targets
-            loss.backward()
+            (loss * scale if scale != 1 else loss).backward()
         loss_total += loss.detach().cpu()
     return loss_total.item()
 
 
+def _clip_grad_norm(model, grad_clip: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: a DTensor
+
+
 def train_step(model, packs: list[Pack], optimizer, scheduler, grad_clip: float, autocast,
-               loss_chunk_tokens: int | None = None, activations=contextlib.nullcontext()) -> tuple[float, float]:
-    loss = accumulate_gradients(model, packs, autocast, loss_chunk_tokens, activations)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    if math.isfinite(loss) and math.isfinite(grad_norm.item()):  # else skip: NaN would poison weights and Adam
+               loss_chunk_tokens: int | None = None, activations=contextlib.nullcontext(),
+               num_targets: int | None = None) -> tuple[float, float]:
+    loss = accumulate_gradients(model, packs, autocast, loss_chunk_tokens, activations, num_targets)
+    loss = distributed.all_reduce_sum(loss, packs[0].input_ids.device)  # each rank holds its share of the mean
+    grad_norm = _clip_grad_norm(model, grad_clip)
+    if math.isfinite(loss) and math.isfinite(grad_norm):  # else skip: NaN would poison weights and Adam
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm.item()
+    return loss, grad_norm
 
 
 @torch.no_grad()
@@ -122,17 +128,40 @@ def _prepare_data(cfg: Config, tokenizer) -> tuple[PackLoader | StreamingPackLoa
     return PackLoader(samples, cfg.pack.max_tokens, cfg.train.seed), eval_samples, report
 
 
+def _check_parallel(cfg: Config) -> None:
+    """What this slice of multi-process training does not do yet, refused before any work."""
+    if distributed.world_size() == 1:
+        return
+    if cfg.parallel.strategy == "none":
+        raise ConfigError(f"running under torchrun with {distributed.world_size()} processes: "
+                          "set parallel.strategy to ddp or fsdp")
+    if cfg.checkpoint.every_steps or cfg.resume is not None:
+        raise ZeropadError("checkpoints under torchrun (world size > 1) are not yet supported: "
+                           "set checkpoint.every_steps=0 and resume=null (the final model is still written)")
+    if cfg.model.lora is not None and cfg.parallel.strategy == "fsdp":
+        raise ConfigError("model.lora with parallel.strategy=fsdp is not yet supported: use parallel.strategy=ddp")
+
+
 def train(cfg: Config) -> TrainResult:
-    with StopSignals() as stop:  # armed only while steps run; the previous handlers come back after
-        return _train(cfg, stop)
+    device = distributed.device_for(cfg.train.device)
+    joined = not distributed.is_initialized()
+    distributed.init(device)
+    try:
+        with StopSignals() as stop:  # armed only while steps run; the previous handlers come back after
+            return _train(cfg, stop, device)
+    finally:
+        if joined:
+            distributed.teardown()
 
 
-def _train(cfg: Config, stop: StopSignals) -> TrainResult:
+def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
+    _check_parallel(cfg)
+    main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if main:
+        (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     _seed_everything(cfg.train.seed)
-    device = _device(cfg)
     autocast = _autocast(cfg, device)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -145,49 +174,58 @@ def _train(cfg: Config, stop: StopSignals) -> TrainResult:
     apply_checkpointing(model, resolve_checkpointing(cfg, model))
     activations = activation_context(cfg.memory, device)
     model.train()
+    flops = FlopCounter(model)
+    num_params = sum(p.numel() for p in model.parameters())
+    num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    chunked_reason = chunked_loss_unsupported(model)
+    model = parallelize(model, cfg.parallel, cfg.train.dtype, device)  # the last change to the model
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    flops = FlopCounter(model)
     peak = peak_tflops(device, cfg.log.peak_tflops)
     guard = RunGuard(cfg, model, optimizer, scheduler, loader, tokenizer, stop)
     start = guard.resume()  # before the logger appends: metrics.jsonl keeps only records up to `start`
-    logger = MetricsLogger(output_dir, cfg.log.tensorboard)
+    logger = MetricsLogger(output_dir, cfg.log.tensorboard, enabled=main)
     if start == 0:
         logger.log({"step": 0, "data": report.counts()})
-    progress = Progress(cfg.train.steps, cfg.log.progress, initial=start)
+    progress = Progress(cfg.train.steps, cfg.log.progress and main, initial=start, quiet=not main)
     guard.say = progress.write
-    num_params = sum(p.numel() for p in model.parameters())
-    num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    progress.write(f"zeropad: {num_params / 1e6:.2f}M parameters ({num_trained / 1e6:.2f}M trained) on {device}; "
-                   f"data: {report.summary()}")
+    ranks = f" x {world} ranks ({cfg.parallel.strategy})" if world > 1 else ""
+    progress.write(f"zeropad: {num_params / 1e6:.2f}M parameters ({num_trained / 1e6:.2f}M trained) on {device}"
+                   f"{ranks}; data: {report.summary()}")
     loss_chunk_tokens = cfg.memory.loss_chunk_tokens if cfg.memory.chunked_loss else None
-    if loss_chunk_tokens and (reason := chunked_loss_unsupported(model)):
-        progress.write(f"zeropad: memory.chunked_loss is off for this model: {reason}")
+    if loss_chunk_tokens and world > 1:
+        chunked_reason = "not yet supported with parallel.strategy ddp/fsdp (it calls the decoder, not the wrapper)"
+    if loss_chunk_tokens and chunked_reason:
+        progress.write(f"zeropad: memory.chunked_loss is off for this model: {chunked_reason}")
         loss_chunk_tokens = None
 
-    packs_iter = iter(loader)
+    steps_iter = step_packs(loader, cfg.train.grad_accum, world, rank)
     loss, eval_loss = math.nan, None
     stop.arm()
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
-        packs = [next(packs_iter).to(device) for _ in range(cfg.train.grad_accum)]
+        step_data = next(steps_iter)
+        packs = [p.to(device) for p in step_data.packs]
+        num_targets = int(distributed.all_reduce_sum(sum(p.num_targets for p in packs), device))  # before backward
         lr = scheduler.get_last_lr()[0]
         loss, grad_norm = train_step(model, packs, optimizer, scheduler, cfg.train.grad_clip, autocast,
-                                     loss_chunk_tokens, activations)
+                                     loss_chunk_tokens, activations, num_targets)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
 
-        tokens = sum(p.num_tokens for p in packs)
+        tokens = step_data.num_tokens  # all ranks
         record = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-            "target_tokens": sum(p.num_targets for p in packs), "tokens_per_s": tokens / seconds,
+            "target_tokens": num_targets, "tokens_per_s": tokens / seconds,
             "pad_fraction": 0.0,  # no pad token ever enters the model
-            "budget_fill": tokens / (cfg.pack.max_tokens * len(packs)),
+            "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * world),
             "epoch": loader.epoch,
         }
-        step_flops = sum(flops(p.doc_lengths) for p in packs)
-        record["tflops"] = step_flops / seconds / 1e12
+        if world > 1:
+            record["rank_token_imbalance"] = step_data.assignment.token_imbalance
+            record["rank_attention_imbalance"] = step_data.assignment.attention_imbalance
+        record["tflops"] = flops(step_data.doc_lengths) / seconds / world / 1e12  # per device
         if peak:
             record["mfu"] = record["tflops"] / peak
         if device.type == "cuda":
@@ -207,12 +245,15 @@ def _train(cfg: Config, stop: StopSignals) -> TrainResult:
     logger.close()
 
     final_dir = output_dir / "final"
-    model = merged_for_export(model)  # LoRA adapters merged in: final/ is a plain Hugging Face model
-    model.save_pretrained(final_dir)
+    full_weights = full_state_dict(model)  # FSDP: gathered on every rank (a collective); else None
+    model = merged_for_export(unwrap(model))  # LoRA adapters merged in: final/ is a plain Hugging Face model
+    if not main:
+        return TrainResult(model, tokenizer, output_dir, loss, eval_loss, report)
+    model.save_pretrained(final_dir, state_dict=full_weights)
     tokenizer.save_pretrained(final_dir)
     plot_losses(logger.path, output_dir / "loss.png")
     summary = {"steps": cfg.train.steps, "final_loss": loss, "eval_loss": eval_loss, "data": report.summary(),
-               "data_counts": report.counts(), "bad_steps": guard.position.bad_steps}
+               "data_counts": report.counts(), "bad_steps": guard.position.bad_steps, "world_size": world}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     eval_text = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
     print(f"done: {cfg.train.steps} steps, final loss {loss:.4f}{eval_text}")

@@ -46,17 +46,19 @@ class FlopCounter:
 class MetricsLogger:
     """One JSON object per optimizer step in metrics.jsonl; TensorBoard scalars when asked."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool):
+    def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool = True):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
-        self.file = self.path.open("a")
+        self.file = self.path.open("a") if enabled else None  # disabled on ranks other than 0
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(output_dir / "tb"))
 
     def log(self, record: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -65,7 +67,8 @@ class MetricsLogger:
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -73,7 +76,8 @@ class MetricsLogger:
 class Progress:
     """A progress bar with loss, real tokens/s, padding fraction and ETA (tqdm computes the ETA)."""
 
-    def __init__(self, total_steps: int, enabled: bool, initial: int = 0):
+    def __init__(self, total_steps: int, enabled: bool, initial: int = 0, quiet: bool = False):
+        self.quiet = quiet  # write() prints nothing (ranks other than 0)
         self.bar = tqdm(total=total_steps, initial=initial, disable=not enabled, desc="train", unit="step",
                         dynamic_ncols=True)
         self.start = time.perf_counter()
@@ -84,7 +88,8 @@ class Progress:
         self.bar.update(1)
 
     def write(self, message: str) -> None:
-        self.bar.write(message)
+        if not self.quiet:
+            self.bar.write(message)
 
     def close(self) -> None:
         self.bar.close()

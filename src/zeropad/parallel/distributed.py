@@ -1,0 +1,76 @@
+"""The process group, the device, and rank/world helpers.
+
+Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) `init` joins the default process
+group: NCCL on CUDA, gloo on CPU. Without torchrun the run is one process and nothing is
+initialised; every helper then answers as rank 0 of 1. Errors are not caught here: an exception
+on any rank ends that rank with its traceback, and torchrun (or the test launcher) ends the others.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# How long a collective waits for a missing rank before failing (instead of hanging forever).
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that prints the progress bar and writes logs, plots and the final model."""
+    return rank() == 0
+
+
+def device_for(requested: str) -> torch.device:
+    """`train.device` resolved for this process: under torchrun on CUDA, the GPU of LOCAL_RANK."""
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+    if kind == "cuda" and under_torchrun():
+        return torch.device("cuda", local_rank())
+    return torch.device(kind)
+
+
+def init(device: torch.device, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+    """Join the torchrun process group (once); a no-op for a single process."""
+    if not under_torchrun() or is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+
+
+def teardown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    """The sum over ranks of a host number, through torch.distributed.all_reduce (float64)."""
+    if not is_initialized():
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.item()
