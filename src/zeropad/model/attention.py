@@ -10,6 +10,7 @@ per-document SDPA (CPU and fallback). Tensor suffixes: B batch (=1), H heads, T 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 
@@ -51,12 +52,19 @@ def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, cu_seqlens, scaling, sliding_window) -
     return torch.cat(outs, dim=2)
 
 
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _torch_varlen(q_THD, k_THD, v_THD, cu, max_len, scaling, sliding_window) -> torch.Tensor:
     """torch.nn.attention.varlen.varlen_attn, across its signatures: torch >= 2.12 takes window_size
     and enable_gqa; earlier releases take is_causal and need KV heads repeated for GQA."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     kwargs: dict = {"scale": scaling}
     if "window_size" in params:
         kwargs["window_size"] = (sliding_window - 1, 0) if sliding_window is not None else (-1, 0)

@@ -68,12 +68,12 @@ def accumulate_gradients(model, packs: list[Pack], autocast, loss_chunk_tokens: 
     num_targets = sum(p.num_targets for p in packs) if num_targets is None else num_targets
     assert num_targets > 0, "every sample carries at least one target token"
     scale = loss_scale(model)  # DDP averages over ranks; the global mean needs their sum
-    loss_total = torch.zeros(())
+    loss_total = torch.zeros((), device=packs[0].input_ids.device)  # read once, after the last micro-step
     for i, pack in enumerate(packs):
         with gradient_sync(model, enabled=i == len(packs) - 1), activations:
             loss = forward_loss_sum(model, pack, autocast, loss_chunk_tokens) / num_targets
             (loss * scale if scale != 1 else loss).backward()
-        loss_total += loss.detach().cpu()
+        loss_total += loss.detach()
     return loss_total.item()
 
 
