@@ -113,9 +113,12 @@ def default_config(out_dir: str) -> dict:
         "data": {"sources": [{"path": str(train_path), "format": "messages"}], "num_workers": 0},
         "pack": {"max_tokens": 2048},
         "train": {
-            "steps": 500,
-            "lr": 3e-3,
-            "warmup_steps": 20,
+            # Tuned for robustness across seeds and small numeric changes: lr 3e-3 / 500 steps
+            # learned or not depending on the run (95.5% vs 19.5%); this gives 99.5% and 96.5%
+            # on seeds 0 and 1.
+            "steps": 700,
+            "lr": 2e-3,
+            "warmup_steps": 30,
             "schedule": "cosine",
             "min_lr_ratio": 0.1,
             "weight_decay": 0.0,
