@@ -22,6 +22,7 @@ from zeropad.pack.planner import assign_packs_to_ranks, plan_packs, shuffle_pack
 from zeropad.train.loop import train  # noqa: E402
 
 STEPS = 4
+CHECKPOINTS = {"every_steps": 2, "keep": 5}  # step 2 (resumed from below) and step 4
 LAUNCH_TIMEOUT_S = 120  # a hang (a rank waiting forever on a dead peer) fails the test instead
 
 
@@ -44,7 +45,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1)
     try:
-        train(build_config(_config(root, out, grad_accum=4)))
+        train(build_config(_config(root, out, grad_accum=4) | {"checkpoint": CHECKPOINTS}))
     finally:
         torch.set_num_threads(threads)
     return root, out
@@ -80,7 +81,6 @@ def test_two_ranks_equal_one_process(reference, parallel):
     for key in expected_w:
         assert (expected_w[key] - got_w[key]).abs().max().item() <= 1e-5, key
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
-    assert not (out / "checkpoints").exists()  # not yet supported under torchrun: nothing half-right written
 
 
 def test_fsdp_bf16_mixed_precision_trains_close_to_fp32(reference):
@@ -163,15 +163,63 @@ def test_a_failure_mid_run_ends_all_ranks(reference, strategy):
     assert not (root / f"fail-mid-{strategy}" / "final").exists()
 
 
-def test_checkpoints_under_torchrun_are_refused_not_written_wrong(reference):
-    root, _ = reference
-    cfg_path = root / "ckpt.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(root, root / "ckpt", grad_accum=2, strategy="ddp")
-                                       | {"checkpoint": {"every_steps": 2}}))
+def _assert_continues(reference_dir: Path, resumed_dir: Path, from_step: int) -> None:
+    """The resumed run's steps after `from_step` have the losses of the uninterrupted run."""
+    expected = [r for r in step_records(reference_dir) if r["step"] > from_step]
+    got = step_records(resumed_dir)
+    assert [r["step"] for r in got] == list(range(from_step + 1, STEPS + 1))
+    for e, g in zip(expected, got, strict=True):
+        assert abs(e["loss"] - g["loss"]) <= 1e-5, (e["step"], e["loss"], g["loss"])
+        assert abs(e["grad_norm"] - g["grad_norm"]) <= 1e-5, (e["step"], e["grad_norm"], g["grad_norm"])
+        assert e["lr"] == pytest.approx(g["lr"], rel=1e-9)
+        assert (e["tokens"], e["target_tokens"]) == (g["tokens"], g["target_tokens"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_saved_on_two_ranks_resumes_on_one(reference, strategy, tmp_path):
+    from zeropad.train.export import export_checkpoint
+
+    root, one = reference
+    two = root / f"save2-{strategy}"
+    cfg_path = root / f"save2-{strategy}.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(root, two, grad_accum=2, strategy=strategy)
+                                       | {"checkpoint": CHECKPOINTS}))
     done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root)
-    assert done.returncode != 0
-    assert "not yet supported" in done.stdout + done.stderr
-    assert not (root / "ckpt" / "checkpoints").exists()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ckpt = two / "checkpoints" / "step_000002"
+    assert (ckpt / "dcp").is_dir() and (ckpt / "COMPLETE").is_file() and not (ckpt / "model.safetensors").exists()
+    assert not list((two / "checkpoints").glob(".tmp-*"))
+
+    resumed = root / f"resume1-{strategy}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(build_config(_config(root, resumed, grad_accum=4) | {"resume": str(ckpt)}))
+    finally:
+        torch.set_num_threads(threads)
+    _assert_continues(one, resumed, from_step=2)
+
+    # export gathers every rank's shards into the full weights: those of the run's final model
+    export_checkpoint(two / "checkpoints" / "step_000004", tmp_path / "hf")
+    exported, final = load_file(str(tmp_path / "hf" / "model.safetensors")), _final_weights(two)
+    assert exported.keys() == final.keys()
+    for key in final:
+        assert torch.equal(exported[key], final[key]), key
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_saved_on_one_process_resumes_on_two_ranks(reference, strategy):
+    root, one = reference
+    ckpt = one / "checkpoints" / "step_000002"
+    assert (ckpt / "model.safetensors").is_file()  # the single-process format
+    resumed = root / f"resume2-{strategy}"
+    cfg_path = root / f"resume2-{strategy}.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(root, resumed, grad_accum=2, strategy=strategy)
+                                       | {"resume": str(ckpt)}))
+    done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    _assert_continues(one, resumed, from_step=2)
+    assert (resumed / "checkpoints" / "step_000004" / "dcp").is_dir()  # the end-of-run checkpoint, sharded
 
 
 def _alpaca_lengths(shared_data: Path) -> list[int]:

@@ -15,7 +15,7 @@ import torch
 
 from zeropad.config import Config
 from zeropad.data.chat import Sample, ensure_chat_template
-from zeropad.errors import ConfigError, ZeropadError
+from zeropad.errors import ConfigError
 from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_samples
 from zeropad.model.load import build_model, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack
@@ -135,9 +135,6 @@ def _check_parallel(cfg: Config) -> None:
     if cfg.parallel.strategy == "none":
         raise ConfigError(f"running under torchrun with {distributed.world_size()} processes: "
                           "set parallel.strategy to ddp or fsdp")
-    if cfg.checkpoint.every_steps or cfg.resume is not None:
-        raise ZeropadError("checkpoints under torchrun (world size > 1) are not yet supported: "
-                           "set checkpoint.every_steps=0 and resume=null (the final model is still written)")
     if cfg.model.lora is not None and cfg.parallel.strategy == "fsdp":
         raise ConfigError("model.lora with parallel.strategy=fsdp is not yet supported: use parallel.strategy=ddp")
 

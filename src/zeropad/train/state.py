@@ -14,6 +14,12 @@ It is written into `.tmp-step_000123`, every file and directory fsynced, then re
 so it is never half-visible: a crash during a save leaves the previous checkpoint as it was.
 Everything loads with safetensors or torch.load(weights_only=True): no pickled code runs.
 
+Under torchrun (world size > 1) model and optimizer are saved with torch.distributed.checkpoint
+(DCP) into dcp/, each rank writing its own shards, and scheduler.pt replaces optimizer.pt; rank 0
+writes everything else, the manifest last, and renames the directory after every rank has written.
+DCP checkpoints load on any world size (1 included), and the single-process format loads under
+torchrun too (full state dicts, sharded as they are set), so a run moves between world sizes.
+
 Test hook: ZEROPAD_TEST_KILL_DURING_SAVE=STEP makes the process SIGKILL itself halfway through
 writing checkpoint STEP (weights written, manifest not), to test that a crash there loses nothing.
 """
@@ -35,8 +41,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from zeropad.errors import ZeropadError
+from zeropad.parallel import distributed
 
 MANIFEST = "COMPLETE"
+DCP_DIR = "dcp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -93,6 +101,8 @@ def verify(path: Path) -> dict:
 def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer, scheduler, tokenizer,
                     config_json: str) -> Path:
     """Write checkpoint `position.step` atomically and return its directory."""
+    if distributed.world_size() > 1:
+        return _save_distributed(output_dir, position, model, optimizer, scheduler, tokenizer, config_json)
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):  # left by a crash during an earlier save
@@ -105,6 +115,12 @@ def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer
     if os.environ.get("ZEROPAD_TEST_KILL_DURING_SAVE") == str(position.step):
         os.kill(os.getpid(), signal.SIGKILL)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    _write_small_files(tmp, position, model, tokenizer, config_json)
+    _commit(tmp, final, root, position.step)
+    return final
+
+
+def _write_small_files(tmp: Path, position: Position, model, tokenizer, config_json: str) -> None:
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(position.__dict__, indent=2))
     (tmp / "config.json").write_text(config_json)
@@ -113,8 +129,11 @@ def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer
         model.generation_config.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "tokenizer")
 
+
+def _commit(tmp: Path, final: Path, root: Path, step: int) -> None:
+    """Manifest last, everything fsynced, then the rename that makes the checkpoint visible."""
     files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"step": position.step, "files": files}, indent=2))
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
     for f in tmp.rglob("*"):
         _fsync(f)
     _fsync(tmp)
@@ -122,6 +141,37 @@ def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(root)
+
+
+def _save_distributed(output_dir, position: Position, model, optimizer, scheduler, tokenizer,
+                      config_json: str) -> Path:
+    """Every rank calls this (collectives): DCP shards of model and optimizer by all ranks, the rest
+    by rank 0, which renames the directory into place once every rank has written."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from zeropad.parallel.sharding import unwrap
+
+    root = checkpoint_root(output_dir)
+    final = root / f"step_{position.step:06d}"
+    tmp = root / f".tmp-{final.name}"
+    main = distributed.is_main()
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step_*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+    if main:
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        _write_small_files(tmp, position, unwrap(model), tokenizer, config_json)
+    dist.barrier()  # every rank's shards are written
+    if main:
+        _commit(tmp, final, root, position.step)
+    dist.barrier()  # the checkpoint is visible to every rank
     return final
 
 
@@ -172,25 +222,107 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> Position:
     """Restore everything from checkpoint `path` into the live objects. CorruptCheckpoint when a file
     cannot be read; nothing is changed before every small file has been read successfully."""
     verify(path)
+    sharded = (path / DCP_DIR).is_dir()
     try:
-        trainer = torch.load(path / "optimizer.pt", weights_only=True)
+        trainer = torch.load(path / ("scheduler.pt" if sharded else "optimizer.pt"), weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
         position = Position(**json.loads((path / "state.json").read_text()))
     except Exception as err:  # any failure to read means the files are damaged, whatever its type
         raise CorruptCheckpoint(f"{path}: unreadable training state ({type(err).__name__}: {err})") from None
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except (SafetensorError, OSError) as err:
-        raise CorruptCheckpoint(f"{path}: unreadable model.safetensors ({err})") from None
+    if sharded:
+        _load_dcp(path, model, optimizer)
+    elif distributed.world_size() > 1:
+        _load_full_into_parallel(path, model, optimizer, trainer["optimizer"])
+    else:
+        try:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        except (SafetensorError, OSError) as err:
+            raise CorruptCheckpoint(f"{path}: unreadable model.safetensors ({err})") from None
+        _check_fit(path, missing, unexpected)
+        optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    _set_rng_state(rng)
+    return position
+
+
+def _check_fit(path: Path, missing, unexpected) -> None:
     if missing or unexpected:
         raise ZeropadError(
             f"{path}: the checkpoint does not fit this model (missing {sorted(missing)[:3]}, unexpected "
             f"{sorted(unexpected)[:3]}); resume with the model config the checkpoint was trained with"
         )
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    _set_rng_state(rng)
-    return position
+
+
+def _load_dcp(path: Path, model, optimizer) -> None:
+    """Model and optimizer from a DCP checkpoint, resharded to this run's world size and strategy."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    except Exception as err:  # a missing key means another model; anything else, damaged shards
+        if "missing key" in str(err).lower():
+            raise ZeropadError(f"{path}: the checkpoint does not fit this model ({err}); resume with the "
+                               "model config the checkpoint was trained with") from None
+        raise CorruptCheckpoint(f"{path}: unreadable {DCP_DIR}/ ({type(err).__name__}: {err})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _load_full_into_parallel(path: Path, model, optimizer, native_optim: dict) -> None:
+    """A single-process checkpoint into a DDP/FSDP model: full state dicts, set (and sharded) by
+    set_state_dict. The optimizer's saved state is keyed by parameter index; DCP wants names."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except (SafetensorError, OSError) as err:
+        raise CorruptCheckpoint(f"{path}: unreadable model.safetensors ({err})") from None
+    from zeropad.parallel.sharding import unwrap
+
+    full = StateDictOptions(full_state_dict=True)
+    model_sd = unwrap(model).state_dict()  # only the names: FSDP2 keeps the model's own
+    tied = {k for k in model_sd if k not in weights}
+    missing = {k for k in tied if not _is_tied(model, k)}
+    _check_fit(path, missing, set(weights) - set(model_sd))
+    for key in tied - missing:  # stored once: the tied copy comes from its twin
+        weights[key] = _tied_source(model, key, weights)
+    names = {id(p): name for name, p in _named_parameters(model)}
+    index_to_name = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    optim_sd = {
+        "state": {index_to_name[i]: st for i, st in native_optim["state"].items()},
+        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in native_optim["param_groups"]],
+    }
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd, options=full)
+
+
+def _named_parameters(model):
+    from zeropad.parallel.sharding import unwrap
+
+    return unwrap(model).named_parameters(remove_duplicate=True)
+
+
+def _is_tied(model, key: str) -> bool:
+    return _tied_twin(model, key) is not None
+
+
+def _tied_twin(model, key: str) -> str | None:
+    from zeropad.parallel.sharding import unwrap
+
+    inner = unwrap(model)
+    params = dict(inner.named_parameters(remove_duplicate=False))
+    if key not in params:
+        return None
+    for name, p in params.items():
+        if name != key and p is params[key]:
+            return name
+    return None
+
+
+def _tied_source(model, key: str, weights: dict):
+    return weights[_tied_twin(model, key)]
 
 
 def resume_newest(root: Path, model, optimizer, scheduler, say=print) -> tuple[Path, Position] | None:
