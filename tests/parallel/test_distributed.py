@@ -254,3 +254,55 @@ def test_assignment_balances_attention_cost_and_covers_every_pack():
     with pytest.raises(ValueError, match="evenly"):
         assign_packs_to_ranks(step[:3], 2)
     assert np.isclose(assign_packs_to_ranks([[5], [3]], 1).token_imbalance, 1.0)
+
+
+_SIGTERM_ONE_RANK = """
+import os, signal, sys
+import zeropad.train.loop as loop
+from zeropad.config import load_config
+from zeropad.errors import Preempted
+
+calls = 0
+real_step = loop.train_step
+
+def step_then_signal(*args, **kwargs):  # test-only: only rank 1 is told to stop, during step 2
+    global calls
+    calls += 1
+    if os.environ["RANK"] == "1" and calls == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(*args, **kwargs)
+
+loop.train_step = step_then_signal
+try:
+    loop.train(load_config(sys.argv[1]))
+except Preempted as err:
+    print(f"rank {os.environ['RANK']}: {err}")
+    sys.exit(3)
+"""
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step(reference):
+    """The ranks agree on the stop: both save step 2 (DCP) and exit, no hang; the run resumes exactly."""
+    root, one = reference
+    out = root / "sigterm-ddp"
+    cfg_path = root / "sigterm-ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(root, out, grad_accum=2, strategy="ddp")
+                                       | {"checkpoint": {"every_steps": 0, "keep": 5}}))
+    script = root / "sigterm_one_rank.py"
+    script.write_text(_SIGTERM_ONE_RANK)
+    done = _torchrun([str(script), str(cfg_path)], cwd=root)  # TimeoutExpired here would be a hang
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log[-3000:]
+    assert "rank 0: stop requested on another rank after step 2" in log, log[-3000:]
+    assert "rank 1: SIGTERM after step 2" in log, log[-3000:]
+    ckpt = out / "checkpoints" / "step_000002"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "dcp").is_dir()
+
+    resumed = root / "sigterm-resumed"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(build_config(_config(root, resumed, grad_accum=4) | {"resume": str(ckpt)}))
+    finally:
+        torch.set_num_threads(threads)
+    _assert_continues(one, resumed, from_step=2)

@@ -121,15 +121,21 @@ class RunGuard:
     def end_step(self, step: int) -> None:
         """Checkpoint when due; after a stop signal or too many bad steps, checkpoint and stop."""
         every = self.cfg.checkpoint.every_steps
-        too_many = self.consecutive_bad >= self.cfg.train.max_bad_steps
-        if (every and step % every == 0) or self.stop.requested or too_many:
+        too_many = self.consecutive_bad >= self.cfg.train.max_bad_steps  # the same on every rank (loss is reduced)
+        # A signal may reach ranks at different steps: all stop at the step where any rank saw it,
+        # or one rank would wait in the checkpoint's collectives while another runs the next step.
+        device = next(self.model.parameters()).device
+        stop_now = distributed.all_reduce_sum(int(self.stop.requested is not None), device) > 0
+        if stop_now and self.stop.requested is None:
+            self.stop.requested = "stop requested on another rank"
+        if (every and step % every == 0) or stop_now or too_many:
             self.save()
         if too_many:
             raise TooManyBadSteps(
                 f"{self.consecutive_bad} consecutive steps (up to step {step}) had a non-finite loss or gradient "
                 f"norm, so their updates were skipped; checkpoint (last good weights) saved to {self._path()}. "
                 "Lower train.lr, check the data, or raise train.max_bad_steps", str(self._path()))
-        if self.stop.requested:
+        if stop_now:
             raise Preempted(f"{self.stop.requested} after step {step}: checkpoint saved to {self._path()}",
                             str(self._path()))
 
