@@ -175,6 +175,17 @@ def _assert_continues(reference_dir: Path, resumed_dir: Path, from_step: int) ->
         assert (e["tokens"], e["target_tokens"]) == (g["tokens"], g["target_tokens"])
 
 
+def _resume_on_one_process(root: Path, resumed: Path, ckpt: Path) -> Path:
+    """Continue from `ckpt` in this process, with the packs per step of 2 ranks x 2 micro-steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1)
+    try:
+        train(build_config(_config(root, resumed, grad_accum=4) | {"resume": str(ckpt)}))
+    finally:
+        torch.set_num_threads(threads)
+    return resumed
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_saved_on_two_ranks_resumes_on_one(reference, strategy, tmp_path):
     from zeropad.train.export import export_checkpoint
@@ -190,14 +201,7 @@ def test_saved_on_two_ranks_resumes_on_one(reference, strategy, tmp_path):
     assert (ckpt / "dcp").is_dir() and (ckpt / "COMPLETE").is_file() and not (ckpt / "model.safetensors").exists()
     assert not list((two / "checkpoints").glob(".tmp-*"))
 
-    resumed = root / f"resume1-{strategy}"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(build_config(_config(root, resumed, grad_accum=4) | {"resume": str(ckpt)}))
-    finally:
-        torch.set_num_threads(threads)
-    _assert_continues(one, resumed, from_step=2)
+    _assert_continues(one, _resume_on_one_process(root, root / f"resume1-{strategy}", ckpt), from_step=2)
 
     # export gathers every rank's shards into the full weights: those of the run's final model
     export_checkpoint(two / "checkpoints" / "step_000004", tmp_path / "hf")
@@ -298,11 +302,4 @@ def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step(reference):
     ckpt = out / "checkpoints" / "step_000002"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "dcp").is_dir()
 
-    resumed = root / "sigterm-resumed"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(build_config(_config(root, resumed, grad_accum=4) | {"resume": str(ckpt)}))
-    finally:
-        torch.set_num_threads(threads)
-    _assert_continues(one, resumed, from_step=2)
+    _assert_continues(one, _resume_on_one_process(root, root / "sigterm-resumed", ckpt), from_step=2)
