@@ -62,6 +62,11 @@ def init(device: torch.device, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
         dist.init_process_group("gloo", timeout=timeout)
 
 
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if is_initialized():
         dist.destroy_process_group()

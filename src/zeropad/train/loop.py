@@ -145,7 +145,9 @@ def train(cfg: Config) -> TrainResult:
     distributed.init(device)
     try:
         with StopSignals() as stop:  # armed only while steps run; the previous handlers come back after
-            return _train(cfg, stop, device)
+            result = _train(cfg, stop, device)
+        distributed.barrier()  # no rank destroys the group while another still has collectives in flight
+        return result
     finally:
         if joined:
             distributed.teardown()
