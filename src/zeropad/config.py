@@ -89,6 +89,18 @@ class TrainConfig(_Strict):
         5, gt=0, description="A step with a non-finite loss or grad norm is skipped; this many in a row "
         "save a checkpoint and stop the run (exit code 4).",
     )
+    freeze: list[Literal["vision", "projector", "language"]] = Field(
+        default_factory=list, description="Parameter groups of a VLM left untrained: vision (encoder), projector "
+        "(merger / multimodal projection), language (the LM with its embeddings and head).",
+    )
+    group_lr: dict[Literal["vision", "projector", "language"], float] = Field(
+        default_factory=dict, description="Peak learning rate per group (e.g. {vision: 2e-6}); groups not named use "
+        "train.lr. Warmup and schedule scale every group alike.",
+    )
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="MoE load-balancing loss coefficient (null: the model config's "
+        "router_aux_loss_coef; 0: off). Averaged over the step's tokens like the token loss.",
+    )
 
 
 class EvalConfig(_Strict):
@@ -101,6 +113,22 @@ class LogConfig(_Strict):
     tensorboard: bool = Field(False, description="Also write TensorBoard events to OUTPUT_DIR/tb.")
     progress: bool = Field(True, description="Show a progress bar.")
     peak_tflops: float | None = Field(None, description="Device peak TFLOP/s for MFU (auto-detected on known GPUs).")
+    expert_load: bool = Field(True, description="MoE models: log each layer's expert load (max/mean tokens per expert).")
+
+
+class VisionConfig(_Strict):
+    processor: str | None = Field(
+        None, description="Directory with preprocessor_config.json (default: model.path; a model from scratch gets "
+        "a processor built from its vision config).",
+    )
+    min_pixels: int | None = Field(None, gt=0, description="Smallest image area after resizing (default: the processor's).")
+    max_pixels: int | None = Field(None, gt=0, description="Largest image area after resizing (default: the processor's).")
+
+
+class VideoConfig(_Strict):
+    fps: float = Field(2.0, gt=0, description="Frames sampled per second of video.")
+    max_frames: int = Field(32, gt=0, description="At most this many frames per video (sampled evenly over it).")
+    max_pixels: int | None = Field(None, gt=0, description="Largest frame area after resizing (default: vision.max_pixels).")
 
 
 _CHECKPOINTING = re.compile(r"none|full|selective|auto|every:[1-9][0-9]*")
@@ -152,6 +180,8 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     resume: str | None = Field(

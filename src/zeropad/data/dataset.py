@@ -83,7 +83,7 @@ def load_samples(
     """Every source tokenized (or read from the cache), weighted and fitted to max_tokens."""
     ensure_chat_template(tokenizer, cfg.chat_template)
     report = SampleReport()
-    policy = _Policy(cfg.on_bad_sample, report, max_tokens, overlong, collect=True)
+    policy = SamplePolicy(cfg.on_bad_sample, report, max_tokens, overlong, collect=True)
     samples: list[Sample] = []
     with _TokenizerPool(tokenizer, cfg.train_on_prompt, cfg.num_workers) as pool:
         for index, source in enumerate(sources):
@@ -98,7 +98,7 @@ def load_samples(
                 reasons = (report.skipped - skipped_before).most_common(3)
                 detail = "".join(f"; {reason}: {count}" for reason, count in reasons)
                 raise DataError(source.path, None, f"no usable samples in {tokenized.num_records} records{detail}")
-            samples += _weighted(kept, source.weight, np.random.default_rng([seed, index]))
+            samples += weighted_copies(kept, source.weight, np.random.default_rng([seed, index]))
     if policy.problems:
         raise BadSamplesError(sorted(policy.problems, key=lambda p: (p.file, p.record or 0)))
     report.num_samples = len(samples)
@@ -142,7 +142,7 @@ def stream_samples(
     samples are counted on the first pass over each source only.
     """
     ensure_chat_template(tokenizer, cfg.chat_template)
-    policy = _Policy(cfg.on_bad_sample, report, max_tokens, overlong, collect=False)
+    policy = SamplePolicy(cfg.on_bad_sample, report, max_tokens, overlong, collect=False)
     rng = np.random.default_rng(seed)
     with _TokenizerPool(tokenizer, cfg.train_on_prompt, cfg.num_workers) as pool:
         streams = [_source_stream(source, index, pool, policy, seed) for index, source in enumerate(sources)]
@@ -159,7 +159,7 @@ def stream_samples(
 
 
 def _source_stream(
-    source: SourceConfig, index: int, pool: _TokenizerPool, policy: _Policy, seed: int
+    source: SourceConfig, index: int, pool: _TokenizerPool, policy: SamplePolicy, seed: int
 ) -> Iterator[Sample]:
     rng = np.random.default_rng([seed, index])
     for pass_no in range(math.ceil(source.weight)):
@@ -181,7 +181,7 @@ def _source_stream(
                 yield sample
 
 
-class _Policy:
+class SamplePolicy:
     """Overlong handling and the bad-sample policy, counted in the report."""
 
     def __init__(self, on_bad_sample: str, report: SampleReport, max_tokens: int, overlong: str, collect: bool):
@@ -219,7 +219,7 @@ def _has_targets(sample: Sample) -> bool:
     return bool(sample.loss_mask[1:].any())
 
 
-def _weighted(samples: list[Sample], weight: float, rng: np.random.Generator) -> list[Sample]:
+def weighted_copies(samples: list[Sample], weight: float, rng: np.random.Generator) -> list[Sample]:
     """round(weight x n) samples: whole copies plus a seeded subset without repeats."""
     if not samples:
         return []

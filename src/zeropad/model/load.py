@@ -5,11 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from zeropad.config import ModelConfig
 from zeropad.errors import ConfigError, ZeropadError
 from zeropad.model import attention  # noqa: F401  (registers the zeropad_varlen attention)
+from zeropad.model.attention import ATTN_NAME
+from zeropad.model.vlm import packed_attn_implementation
 
 
 def _model_dir(cfg: ModelConfig) -> Path | None:
@@ -47,21 +57,35 @@ def build_model_config(cfg: ModelConfig) -> PretrainedConfig:
         raise ConfigError(f"model.config.model_type: {err}") from None
 
 
+def is_vision_language(config: PretrainedConfig) -> bool:
+    """A model with a vision tower: its config nests a vision_config beside the text one."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def _auto_class(config: PretrainedConfig):
+    """Causal LMs (also remote-code ones) by AutoModelForCausalLM; the rest, VLMs and early-fusion models such
+    as Chameleon (no vision_config, but registered only as image-text-to-text), by AutoModelForImageTextToText."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
+
+
 def build_model(cfg: ModelConfig, seed: int = 0) -> PreTrainedModel:
-    """fp32 weights (bf16 runs use autocast); the attention backend is chosen by name, not patched in."""
+    """fp32 weights (bf16 runs use autocast); the attention backend is chosen by name, not patched in.
+    A vision-language model gets zeropad_varlen in its language model only (model.vlm explains why)."""
     path = _model_dir(cfg)
     config = build_model_config(cfg)
+    attn = cfg.attn_implementation
+    if is_vision_language(config) and attn == ATTN_NAME:
+        attn = packed_attn_implementation()
+    auto = _auto_class(config)
     torch.manual_seed(seed)
+    kwargs = dict(config=config, dtype=torch.float32, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     if path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32,
-            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-        )
+        model = auto.from_pretrained(path, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32,
-            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
-        )
+        model = auto.from_config(**kwargs)
     model.config.use_cache = False
     return model
 

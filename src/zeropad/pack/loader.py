@@ -77,23 +77,24 @@ class StepPacks:
 
 
 def step_packs(loader: PackLoader | StreamingPackLoader, micro_steps: int, world_size: int = 1,
-               rank: int = 0) -> Iterator[StepPacks]:
+               rank: int = 0, collate_fn: Callable = collate) -> Iterator[StepPacks]:
     """Each optimizer step takes world_size x micro_steps packs from the loader, the packs a
     single process would take with grad_accum = world_size x micro_steps, and gives this rank
     its balanced share (planner.assign_packs_to_ranks). Every rank reads the same stream, so
-    the loader position (epoch, index) is the same on all ranks."""
+    the loader position (epoch, index) is the same on all ranks. `collate_fn` builds a pack from its
+    samples (model.vlm's packs for image conversations)."""
     stream = loader.pack_samples()
     while True:
         step_docs = [next(stream) for _ in range(world_size * micro_steps)]
         lengths = [[len(s) for s in docs] for docs in step_docs]
         assignment = assign_packs_to_ranks(lengths, world_size)
         yield StepPacks(
-            packs=[collate(step_docs[p]) for p in assignment.packs_by_rank[rank]],
+            packs=[collate_fn(step_docs[p]) for p in assignment.packs_by_rank[rank]],
             num_tokens=sum(map(sum, lengths)),
             doc_lengths=[n for doc in lengths for n in doc],
             assignment=assignment,
         )
 
 
-def eval_packs(samples: list[Sample], max_tokens: int) -> list[Pack]:
-    return [collate([samples[i] for i in idx]) for idx in plan_packs([len(s) for s in samples], max_tokens)]
+def eval_packs(samples: list[Sample], max_tokens: int, collate_fn: Callable = collate) -> list[Pack]:
+    return [collate_fn([samples[i] for i in idx]) for idx in plan_packs([len(s) for s in samples], max_tokens)]

@@ -17,8 +17,9 @@ from zeropad.config import Config
 from zeropad.data.chat import Sample, ensure_chat_template
 from zeropad.errors import ConfigError
 from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_samples
-from zeropad.model.load import build_model, check_vocab, load_tokenizer
-from zeropad.pack.collate import Pack
+from zeropad.data.multimodal import MultimodalCollator, load_image_processor, load_vision_samples
+from zeropad.model.load import build_model, build_model_config, check_vocab, is_vision_language, load_tokenizer
+from zeropad.pack.collate import Pack, collate
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
 from zeropad.model.checkpointing import activation_context, apply_checkpointing, resolve_checkpointing
 from zeropad.model.lora import apply_lora, merged_for_export
@@ -106,13 +107,19 @@ def evaluate(model, packs: list[Pack], device: torch.device, autocast, loss_chun
     return loss_sum / max(1, num_targets)
 
 
-def _prepare_data(cfg: Config, tokenizer) -> tuple[PackLoader | StreamingPackLoader, list[Sample], SampleReport]:
-    common = dict(max_tokens=cfg.pack.max_tokens, overlong=cfg.pack.overlong, seed=cfg.train.seed)
+def _prepare_data(cfg: Config, tokenizer, processor=None, model_config=None
+                  ) -> tuple[PackLoader | StreamingPackLoader, list, SampleReport]:
+    """Training loader, eval samples and the data report; image conversations when `processor` is given."""
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: give at least one dataset")
-    eval_samples: list[Sample] = []
-    if cfg.eval.sources:
-        eval_samples, _ = load_samples(cfg.eval.sources, cfg.data, tokenizer, **common)
+    common = dict(max_tokens=cfg.pack.max_tokens, overlong=cfg.pack.overlong, seed=cfg.train.seed)
+    if processor is None:
+        load = lambda sources: load_samples(sources, cfg.data, tokenizer, **common)  # noqa: E731
+    elif cfg.pack.streaming:
+        raise ConfigError("pack.streaming is not supported for image data yet: set pack.streaming=false")
+    else:
+        load = lambda sources: load_vision_samples(cfg, sources, tokenizer, processor, model_config)  # noqa: E731
+    eval_samples = load(cfg.eval.sources)[0] if cfg.eval.sources else []
     if cfg.pack.streaming:
         report = SampleReport()
         loader = StreamingPackLoader(
@@ -121,7 +128,7 @@ def _prepare_data(cfg: Config, tokenizer) -> tuple[PackLoader | StreamingPackLoa
             cfg.pack.max_tokens, cfg.pack.buffer_samples, cfg.train.seed,
         )
         return loader, eval_samples, report
-    samples, report = load_samples(cfg.data.sources, cfg.data, tokenizer, **common)
+    samples, report = load(cfg.data.sources)
     if cfg.eval.split > 0:
         samples, held_out = split_eval(samples, cfg.eval.split, cfg.train.seed)
         eval_samples += held_out
@@ -165,11 +172,16 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
 
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
-    loader, eval_samples, report = _prepare_data(cfg, tokenizer)
-    eval_set = eval_packs(eval_samples, cfg.pack.max_tokens) if eval_samples else []
+    model_config = build_model_config(cfg.model)
+    processor = load_image_processor(cfg, model_config) if is_vision_language(model_config) else None
+    loader, eval_samples, report = _prepare_data(cfg, tokenizer, processor, model_config)
 
-    model = apply_lora(build_model(cfg.model, seed=cfg.train.seed), cfg.model.lora).to(device)
+    base_model = build_model(cfg.model, seed=cfg.train.seed)
+    model = apply_lora(base_model, cfg.model.lora).to(device)  # in place: base_model moves too
     check_vocab(model, tokenizer)
+    collate_fn = collate if processor is None else MultimodalCollator(base_model, processor, cfg.data.on_bad_sample,
+                                                                      report)
+    eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
     apply_checkpointing(model, resolve_checkpointing(cfg, model))
     activations = activation_context(cfg.memory, device)
     model.train()
@@ -198,7 +210,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         progress.write(f"zeropad: memory.chunked_loss is off for this model: {chunked_reason}")
         loss_chunk_tokens = None
 
-    steps_iter = step_packs(loader, cfg.train.grad_accum, world, rank)
+    steps_iter = step_packs(loader, cfg.train.grad_accum, world, rank, collate_fn)
     loss, eval_loss = math.nan, None
     stop.arm()
     for step in range(start + 1, cfg.train.steps + 1):
@@ -250,6 +262,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         return TrainResult(model, tokenizer, output_dir, loss, eval_loss, report)
     model.save_pretrained(final_dir, state_dict=full_weights)
     tokenizer.save_pretrained(final_dir)
+    if processor is not None:
+        processor.save_pretrained(final_dir)  # final/ is a complete VLM directory: it trains and loads again
     plot_losses(logger.path, output_dir / "loss.png")
     summary = {"steps": cfg.train.steps, "final_loss": loss, "eval_loss": eval_loss, "data": report.summary(),
                "data_counts": report.counts(), "bad_steps": guard.position.bad_steps, "world_size": world}

@@ -135,6 +135,15 @@ def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """What turns the forward's inputs into the last hidden state: the decoder of a causal LM; for a VLM the
+    multimodal model (vision tower, feature scatter and decoder), since its decoder alone ignores the pixels."""
+    if getattr(model.config, "vision_config", None) is None:
+        return model.get_decoder()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    return base.model
+
+
 def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.Tensor,
                 chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed token loss of a causal LM on one pack: the plain way (the model's logits), or with
@@ -142,6 +151,6 @@ def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.
     the forward's autocast; both ways give the same loss and gradients."""
     if chunk_tokens is None:
         return token_loss_sum(model(**model_inputs).logits[0], target_ids_T)
-    hidden_TH = model.get_decoder()(**model_inputs).last_hidden_state[0]
+    hidden_TH = _backbone(model)(**model_inputs).last_hidden_state[0]
     head = model.get_output_embeddings()
     return chunked_cross_entropy_sum(hidden_TH, head.weight, head.bias, target_ids_T, chunk_tokens)

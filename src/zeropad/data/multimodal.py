@@ -1,0 +1,135 @@
+"""Image conversations for training: exact lengths when the data is loaded, pixels only when a pack is built.
+
+Loading reads every record, checks it (placeholders against images, image headers) and tokenizes it into a
+`VisionSample`: the tokens with one pad per image and the exact length the document will have once each pad
+is expanded to its visual tokens (from the image header and the processor's resize rule). The packer plans
+on those lengths; no decoded pixels are kept. `MultimodalCollator` decodes a pack's images and builds the
+`MultimodalPack` when the pack is trained on, so memory holds one step's pixels at a time.
+
+An image that passes the header check but is corrupt further in is found at pack time: with
+`data.on_bad_sample: skip` that document leaves its pack and is counted; with `error` the run stops naming
+the file, record and image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoImageProcessor, PretrainedConfig
+
+# The PIL backend: the torchvision image processors do not import without torchvision.
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from zeropad.config import Config
+from zeropad.data.chat import ensure_chat_template
+from zeropad.data.dataset import BadSamplesError, SamplePolicy, SampleReport, weighted_copies
+from zeropad.data.sources import iter_records
+from zeropad.data.vision import ImageConversation, read_image_conversation, to_vision_doc, vision_doc_length
+from zeropad.errors import ConfigError, DataError
+from zeropad.model.vlm import MultimodalPack, pack_multimodal
+
+
+@dataclass(frozen=True)
+class VisionSample:
+    """A checked, tokenized image conversation and its exact packed length; pixels are decoded later."""
+
+    conversation: ImageConversation
+    length: int
+    file: str
+    record_no: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def load_image_processor(cfg: Config, model_config: PretrainedConfig):
+    """The PIL image processor: from `vision.processor` or the model directory's preprocessor_config.json;
+    for a model trained from scratch, built from its vision config. `vision.min/max_pixels` override."""
+    source = cfg.vision.processor or cfg.model.path
+    if source is not None:
+        if not (Path(source).expanduser() / "preprocessor_config.json").is_file():
+            raise ConfigError(f"vision.processor: no preprocessor_config.json in {source}")
+        processor = AutoImageProcessor.from_pretrained(source, backend="pil",
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        vision = model_config.vision_config
+        processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                             temporal_patch_size=vision.temporal_patch_size)
+    if cfg.vision.min_pixels or cfg.vision.max_pixels:
+        lower = cfg.vision.min_pixels or processor.size["shortest_edge"]
+        upper = cfg.vision.max_pixels or processor.size["longest_edge"]
+        if lower > upper:
+            raise ConfigError(f"vision.min_pixels ({lower}) is above vision.max_pixels ({upper})")
+        processor.size = {"shortest_edge": lower, "longest_edge": upper}
+    return processor
+
+
+def load_vision_samples(cfg: Config, sources, tokenizer, processor, model_config: PretrainedConfig
+                        ) -> tuple[list[VisionSample], SampleReport]:
+    """Every record of `sources` checked and measured; bad records follow data.on_bad_sample. A sample over
+    pack.max_tokens is dropped (counted): cutting it could split an image from its tokens."""
+    ensure_chat_template(tokenizer, cfg.data.chat_template)
+    report = SampleReport()
+    policy = SamplePolicy(cfg.data.on_bad_sample, report, cfg.pack.max_tokens, "drop", collect=True)
+    samples: list[VisionSample] = []
+    for index, source in enumerate(sources):
+        if not Path(source.path).exists():
+            raise DataError(source.path, None, "no such file or directory")
+        kept = []
+        for record_no, record in iter_records(source.path):
+            report.num_records += 1
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                sample = _measure(record, source, cfg, tokenizer, processor, model_config, record_no)
+            except DataError as err:
+                policy.bad(source.path, record_no, err.reason)
+                continue
+            if len(sample) > cfg.pack.max_tokens:
+                report.dropped_overlong += 1
+                continue
+            kept.append(sample)
+        if not kept and not policy.problems:
+            raise DataError(source.path, None, f"no usable samples ({report.summary()})")
+        samples += weighted_copies(kept, source.weight, np.random.default_rng([cfg.train.seed, index]))
+    if policy.problems:
+        raise BadSamplesError(sorted(policy.problems, key=lambda p: (p.file, p.record or 0)))
+    report.num_samples = len(samples)
+    report.num_tokens = sum(len(s) for s in samples)
+    return samples, report
+
+
+def _measure(record: dict, source, cfg: Config, tokenizer, processor, model_config, record_no: int) -> VisionSample:
+    conversation = read_image_conversation(record, tokenizer, model_config, file=source.path, record_no=record_no,
+                                           fmt=source.format, train_on_prompt=cfg.data.train_on_prompt)
+    if not conversation.sample.loss_mask[1:].any():
+        raise DataError(source.path, record_no, "no target tokens")
+    length = vision_doc_length(conversation, processor, file=source.path, record_no=record_no)
+    return VisionSample(conversation, length, source.path, record_no)
+
+
+class MultimodalCollator:
+    """VisionSamples of one pack -> MultimodalPack: decode the images, run the processor, expand, pack."""
+
+    def __init__(self, model, processor, on_bad_sample: str, report: SampleReport):
+        self.model, self.processor, self.on_bad_sample, self.report = model, processor, on_bad_sample, report
+        self.bad: set[tuple[str, int]] = set()  # (file, record) found corrupt: counted once, skipped every epoch
+
+    def __call__(self, samples: list[VisionSample]) -> MultimodalPack:
+        docs = []
+        for sample in samples:
+            if (sample.file, sample.record_no) in self.bad:
+                continue
+            try:
+                docs.append(to_vision_doc(sample.conversation, self.processor, self.model.config,
+                                          file=sample.file, record_no=sample.record_no))
+            except DataError as err:
+                if self.on_bad_sample == "error":
+                    raise
+                self.report.skipped[err.reason] += 1
+                self.bad.add((sample.file, sample.record_no))
+        if not docs:
+            raise DataError(samples[0].file, samples[0].record_no, "every document of this pack has a corrupt image")
+        return pack_multimodal(docs, self.model)

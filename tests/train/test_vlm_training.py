@@ -1,0 +1,147 @@
+"""Image conversations through the real training loop: the packed step's loss equals the per-document
+reference, the real demo data trains end to end, a saved VLM directory trains again, bad images are
+named or counted."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from zeropad.config import build_config
+from zeropad.data.dataset import BadSamplesError
+from zeropad.data.multimodal import load_image_processor
+from zeropad.data.vision import read_image_conversation, to_vision_doc
+from zeropad.demo.tokenizer import build_tokenizer
+from zeropad.model.load import build_model, build_model_config
+from zeropad.model.vlm import reference_forward_backward
+from zeropad.train.loop import train
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def vlm_run(root: Path, data_file: Path, name: str = "out", **sections) -> dict:
+    """A ~0.2M-parameter Qwen2.5-VL from scratch with the offline char tokenizer plus vision tokens."""
+    tokenizer_dir = root / "tokenizer"
+    tokenizer = build_tokenizer(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    tokenizer.save_pretrained(tokenizer_dir)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    model = dict(
+        model_type="qwen2_5_vl", vocab_size=len(tokenizer), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], eos_token_id=tokenizer.eos_token_id,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                           out_hidden_size=64),
+    )
+    cfg = {
+        "model": {"config": model, "tokenizer": str(tokenizer_dir)},
+        "data": {"sources": [{"path": str(data_file), "format": "messages"}]},
+        "vision": {"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 16},  # <= 16 visual tokens per image
+        "pack": {"max_tokens": 8192},
+        "train": {"steps": 2, "lr": 1e-3, "device": "cpu"},
+        "log": {"progress": False},
+        "output_dir": str(root / name),
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
+def write_images_data(root: Path, records: list[dict], sizes: dict[str, tuple[int, int]]) -> Path:
+    for i, (name, size) in enumerate(sizes.items()):
+        Image.new("RGB", size, (40 * i, 100, 200 - 30 * i)).save(root / name)
+    data = root / "data.json"
+    data.write_text(json.dumps(records))
+    return data
+
+
+def conversation(question: str, answer: str, images: list[str]) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "images": images}
+
+
+GOOD = [conversation("<image>What colour?", "blue", ["a.png"]),
+        conversation("Compare <image> and <image>.", "the first is wider", ["a.png", "b.png"]),
+        conversation("No image here.", "fine", []),
+        conversation("<image>Size?", "tall", ["b.png"])]
+
+
+def test_first_step_loss_equals_per_document_reference(tmp_path, one_thread):
+    data = write_images_data(tmp_path, GOOD, {"a.png": (90, 40), "b.png": (30, 70)})
+    cfg = build_config(vlm_run(tmp_path, data, train={"steps": 1}))
+    train(cfg)
+    step1 = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][1]
+
+    # The same fresh model (same seed) and documents, each alone, unpacked, eager attention.
+    model_config = build_model_config(cfg.model)
+    processor = load_image_processor(cfg, model_config)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    model.set_attn_implementation("eager")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    docs = [to_vision_doc(read_image_conversation(r, tokenizer, model.config, file=str(data), record_no=i),
+                          processor, model.config, file=str(data), record_no=i) for i, r in enumerate(GOOD, 1)]
+    assert sum(d.num_images for d in docs) == 4 and step1["tokens"] == sum(len(d) for d in docs)
+    logits, _ = reference_forward_backward(model, docs)
+    targets = torch.cat([torch.cat([d.input_ids[1:], d.input_ids[:1]]) for d in docs])
+    masks = torch.cat([torch.cat([d.loss_mask[1:], torch.tensor([False])]) for d in docs])
+    expected = torch.nn.functional.cross_entropy(logits[masks], targets[masks]).item()
+    assert step1["target_tokens"] == int(masks.sum())
+    assert step1["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.skipif(not (SHARED / "mllm_demo.json").is_file(), reason="../shared/data is absent")
+def test_real_demo_data_trains_and_the_saved_directory_trains_again(tmp_path, one_thread):
+    cfg = vlm_run(tmp_path, SHARED / "mllm_demo.json", train={"steps": 6, "lr": 3e-3},
+                  pack={"max_tokens": 1024})
+    result = train(build_config(cfg))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert result.report.num_samples == 6 and len(losses) == 6
+    assert losses[-1] < losses[0]
+    final = tmp_path / "out" / "final"
+    assert (final / "preprocessor_config.json").is_file() and (final / "config.json").is_file()
+
+    # A model directory with config, weights, tokenizer and preprocessor_config.json trains as it is.
+    again = {**cfg, "model": {"path": str(final)}, "output_dir": str(tmp_path / "again")}
+    again["train"] = {**cfg["train"], "steps": 1, "lr": 1e-9}
+    del again["vision"]  # the saved processor's own limits
+    resumed = train(build_config(again))
+    assert resumed.final_loss == pytest.approx(losses[-1], rel=0.2)
+
+
+def test_bad_images_are_named_or_counted(tmp_path, one_thread):
+    records = GOOD + [conversation("<image>Missing?", "yes", ["missing.png"]),
+                      conversation("<image><image>Two?", "one image only", ["a.png"]),
+                      conversation("<image>Corrupt?", "yes", ["broken.png"])]
+    data = write_images_data(tmp_path, records, {"a.png": (90, 40), "b.png": (30, 70), "broken.png": (64, 64)})
+    raw = (tmp_path / "broken.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(raw[: len(raw) // 2])  # header intact, pixel data cut
+
+    with pytest.raises(BadSamplesError) as err:
+        train(build_config(vlm_run(tmp_path, data)))
+    message = str(err.value)
+    assert "2 unusable record(s)" in message and "record 5" in message and "missing.png" in message
+    assert "record 6" in message and "2 <image> placeholder(s)" in message
+
+    result = train(build_config(vlm_run(tmp_path, data, name="skip", data={"on_bad_sample": "skip"})))
+    counts = json.loads((tmp_path / "skip" / "summary.json").read_text())["data_counts"]
+    # two found while loading, the corrupt pixels when its pack was built
+    assert result.report.skipped.total() == 3 and counts["skipped"] == 3
+    assert any("broken.png" in reason and "corrupt" in reason for reason in counts["skipped_by_reason"])
