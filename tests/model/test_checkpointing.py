@@ -33,7 +33,7 @@ def _pack(model):
 
 def _loss_and_grads(model, activations=contextlib.nullcontext()):
     model.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, [_pack(model)], contextlib.nullcontext(), None, activations)
+    loss, _ = accumulate_gradients(model, [_pack(model)], contextlib.nullcontext(), None, activations)
     # the wrapper's name prefix is not part of the parameter's identity
     return loss, {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
 

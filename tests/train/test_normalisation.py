@@ -12,7 +12,7 @@ from zeropad.verify import random_documents
 
 def _grads_and_loss(model, groups):
     model.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, [collate(g) for g in groups], contextlib.nullcontext())
+    loss, _ = accumulate_gradients(model, [collate(g) for g in groups], contextlib.nullcontext())
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

@@ -145,3 +145,21 @@ def test_bad_images_are_named_or_counted(tmp_path, one_thread):
     # two found while loading, the corrupt pixels when its pack was built
     assert result.report.skipped.total() == 3 and counts["skipped"] == 3
     assert any("broken.png" in reason and "corrupt" in reason for reason in counts["skipped_by_reason"])
+
+
+def test_frozen_vision_tower_stays_bitwise_and_groups_get_their_own_lr(tmp_path, one_thread):
+    from transformers import AutoModelForImageTextToText
+
+    data = write_images_data(tmp_path, GOOD, {"a.png": (90, 40), "b.png": (30, 70)})
+    cfg = build_config(vlm_run(tmp_path, data, train={"steps": 3, "freeze": ["vision"], "warmup_steps": 1,
+                                                      "group_lr": {"projector": 5e-3}}))
+    train(cfg)
+    initial = build_model(cfg.model, seed=cfg.train.seed).state_dict()
+    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "out" / "final").state_dict()
+    vision = [k for k in final if k.startswith("model.visual.") and ".merger." not in k]
+    changed = {k for k in final if not torch.equal(final[k], initial[k])}
+    assert vision and not changed & set(vision)
+    assert any(".merger." in k for k in changed) and any("language_model" in k for k in changed)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert records[0]["lr_projector"] == pytest.approx(5e-3) and records[0]["lr_language"] == pytest.approx(1e-3)
+    assert "lr_vision" not in records[0]

@@ -28,7 +28,8 @@ from zeropad.parallel.sharding import full_state_dict, gradient_sync, loss_scale
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
 from zeropad.train.guard import RunGuard, StopSignals
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
-from zeropad.train.optim import build_optimizer, build_scheduler
+from zeropad.train.moe import RouterStats
+from zeropad.train.optim import apply_freeze, build_optimizer, build_scheduler, describe_groups, group_lrs
 
 
 @dataclass
@@ -60,22 +61,30 @@ def forward_loss_sum(model, pack: Pack, autocast, loss_chunk_tokens: int | None 
 
 
 def accumulate_gradients(model, packs: list[Pack], autocast, loss_chunk_tokens: int | None = None,
-                         activations=contextlib.nullcontext(), num_targets: int | None = None) -> float:
-    """Backward over this process's micro-steps of one optimizer step. Each pack's loss sum is
-    divided by the step's total target count (`num_targets`: over all ranks, all-reduced; by
-    default this process's packs), so the summed gradient is that of the token mean over the step.
-    Gradients are synchronised across ranks on the last micro-step only.
-    `activations` (checkpointing.activation_context) holds each micro-step's saved tensors."""
+                         activations=contextlib.nullcontext(), num_targets: int | None = None,
+                         router: RouterStats | None = None, num_tokens: int | None = None) -> tuple[float, float]:
+    """Backward over this process's micro-steps of one optimizer step; (token loss, router aux loss).
+
+    Each pack's loss sum is divided by the step's total target count (`num_targets`: over all ranks,
+    all-reduced; by default this process's packs), so the summed gradient is that of the token mean over
+    the step. An MoE model's aux loss (`router`) is weighted by each pack's share of the step's tokens
+    (`num_tokens`, all ranks), the same normalisation (train/moe.py). Gradients are synchronised across
+    ranks on the last micro-step only. `activations` (checkpointing.activation_context) holds each
+    micro-step's saved tensors."""
     num_targets = sum(p.num_targets for p in packs) if num_targets is None else num_targets
+    num_tokens = sum(p.num_tokens for p in packs) if num_tokens is None else num_tokens
     assert num_targets > 0, "every sample carries at least one target token"
     scale = loss_scale(model)  # DDP averages over ranks; the global mean needs their sum
     loss_total = torch.zeros((), device=packs[0].input_ids.device)  # read once, after the last micro-step
+    aux_total = torch.zeros((), device=packs[0].input_ids.device)
     for i, pack in enumerate(packs):
         with gradient_sync(model, enabled=i == len(packs) - 1), activations:
             loss = forward_loss_sum(model, pack, autocast, loss_chunk_tokens) / num_targets
-            (loss * scale if scale != 1 else loss).backward()
+            aux = router.pack_aux_loss() * (pack.num_tokens / num_tokens) if router else torch.zeros(())
+            ((loss + aux) * scale if scale != 1 else loss + aux).backward()
         loss_total += loss.detach()
-    return loss_total.item()
+        aux_total += aux.detach().to(aux_total.device)
+    return loss_total.item(), aux_total.item()
 
 
 def _clip_grad_norm(model, grad_clip: float) -> float:
@@ -85,15 +94,19 @@ def _clip_grad_norm(model, grad_clip: float) -> float:
 
 def train_step(model, packs: list[Pack], optimizer, scheduler, grad_clip: float, autocast,
                loss_chunk_tokens: int | None = None, activations=contextlib.nullcontext(),
-               num_targets: int | None = None) -> tuple[float, float]:
-    loss = accumulate_gradients(model, packs, autocast, loss_chunk_tokens, activations, num_targets)
-    loss = distributed.all_reduce_sum(loss, packs[0].input_ids.device)  # each rank holds its share of the mean
+               num_targets: int | None = None, router: RouterStats | None = None,
+               num_tokens: int | None = None) -> tuple[float, float, float]:
+    """One optimizer step: (token loss, router aux loss, grad norm), losses summed over ranks."""
+    loss, aux = accumulate_gradients(model, packs, autocast, loss_chunk_tokens, activations, num_targets, router,
+                                     num_tokens)
+    device = packs[0].input_ids.device
+    loss, aux = distributed.all_reduce_sum(loss, device), distributed.all_reduce_sum(aux, device)  # shares of the mean
     grad_norm = _clip_grad_norm(model, grad_clip)
-    if math.isfinite(loss) and math.isfinite(grad_norm):  # else skip: NaN would poison weights and Adam
+    if math.isfinite(loss + aux) and math.isfinite(grad_norm):  # else skip: NaN would poison weights and Adam
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return loss, aux, grad_norm
 
 
 @torch.no_grad()
@@ -178,6 +191,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
 
     base_model = build_model(cfg.model, seed=cfg.train.seed)
     model = apply_lora(base_model, cfg.model.lora).to(device)  # in place: base_model moves too
+    groups = apply_freeze(model, cfg.train.freeze)  # before parallelize: DDP/FSDP register trained weights only
     check_vocab(model, tokenizer)
     collate_fn = collate if processor is None else MultimodalCollator(base_model, processor, cfg.data.on_bad_sample,
                                                                       report)
@@ -190,6 +204,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     chunked_reason = chunked_loss_unsupported(model)
     model = parallelize(model, cfg.parallel, cfg.train.dtype, device)  # the last change to the model
+    router = RouterStats.attach(model, cfg.train.router_aux_loss_coef)  # None for a dense model
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     peak = peak_tflops(device, cfg.log.peak_tflops)
@@ -203,6 +218,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     ranks = f" x {world} ranks ({cfg.parallel.strategy})" if world > 1 else ""
     progress.write(f"zeropad: {num_params / 1e6:.2f}M parameters ({num_trained / 1e6:.2f}M trained) on {device}"
                    f"{ranks}; data: {report.summary()}")
+    if len(groups) > 1:
+        progress.write(f"zeropad: parameter groups: {describe_groups(groups)}")
     loss_chunk_tokens = cfg.memory.loss_chunk_tokens if cfg.memory.chunked_loss else None
     if loss_chunk_tokens and world > 1:
         chunked_reason = "not yet supported with parallel.strategy ddp/fsdp (it calls the decoder, not the wrapper)"
@@ -218,9 +235,10 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         step_data = next(steps_iter)
         packs = [p.to(device) for p in step_data.packs]
         num_targets = int(distributed.all_reduce_sum(sum(p.num_targets for p in packs), device))  # before backward
-        lr = scheduler.get_last_lr()[0]
-        loss, grad_norm = train_step(model, packs, optimizer, scheduler, cfg.train.grad_clip, autocast,
-                                     loss_chunk_tokens, activations, num_targets)
+        lr, lrs = scheduler.get_last_lr()[0], group_lrs(optimizer)
+        loss, aux_loss, grad_norm = train_step(model, packs, optimizer, scheduler, cfg.train.grad_clip, autocast,
+                                               loss_chunk_tokens, activations, num_targets, router,
+                                               step_data.num_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -233,6 +251,13 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
             "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * world),
             "epoch": loader.epoch,
         }
+        if len(lrs) > 1:
+            record.update({f"lr_{group}": value for group, value in lrs.items()})
+        if router is not None:
+            record["aux_loss"] = aux_loss
+            load = router.expert_load()  # a collective under torchrun: every rank calls it
+            if cfg.log.expert_load:
+                record.update(load)
         if world > 1:
             record["rank_token_imbalance"] = step_data.assignment.token_imbalance
             record["rank_attention_imbalance"] = step_data.assignment.attention_imbalance
