@@ -22,7 +22,9 @@ from zeropad.model.load import build_model, build_model_config, check_vocab, is_
 from zeropad.pack.collate import Pack, collate
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
 from zeropad.model.checkpointing import activation_context, apply_checkpointing, resolve_checkpointing
+from zeropad.model.attention import ATTN_NAME
 from zeropad.model.lora import apply_lora, merged_for_export
+from zeropad.model.vlm import check_attn_implementation
 from zeropad.parallel import distributed
 from zeropad.parallel.sharding import full_state_dict, gradient_sync, loss_scale, parallelize, unwrap
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
@@ -148,6 +150,14 @@ def _prepare_data(cfg: Config, tokenizer, processor=None, model_config=None
     return PackLoader(samples, cfg.pack.max_tokens, cfg.train.seed), eval_samples, report
 
 
+def _check_packed_vlm(model) -> None:
+    """A VLM design zeropad cannot pack, or a vision backend that would break, stops before any step."""
+    try:
+        check_attn_implementation(model)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+
+
 def _check_parallel(cfg: Config) -> None:
     """What this slice of multi-process training does not do yet, refused before any work."""
     if distributed.world_size() == 1:
@@ -193,6 +203,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     model = apply_lora(base_model, cfg.model.lora).to(device)  # in place: base_model moves too
     groups = apply_freeze(model, cfg.train.freeze)  # before parallelize: DDP/FSDP register trained weights only
     check_vocab(model, tokenizer)
+    if processor is not None and cfg.model.attn_implementation == ATTN_NAME:
+        _check_packed_vlm(base_model)
     collate_fn = collate if processor is None else MultimodalCollator(base_model, processor, cfg.data.on_bad_sample,
                                                                       report)
     eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
