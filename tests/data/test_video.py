@@ -17,18 +17,20 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+from tinyvideo import VISION_TOKENS, tiny_qwen_vl, write_video
+from zeropad.config import VideoConfig
 from zeropad.data.video import (
     BadVideoError,
     VideoInfo,
     load_video_frames,
     num_video_tokens,
     patch_timestamps,
+    plan_video,
     sample_frame_indices,
     seconds_per_temporal_patch,
     timestamp_text,
     video_grid,
     video_info,
-    video_pad_expansion,
     video_pixels,
     writes_timestamps,
 )
@@ -36,19 +38,6 @@ from zeropad.errors import ConfigError, ZeropadError
 from zeropad.model.vlm import mm_token_type_ids
 
 CODECS = [c for c in ("mpeg4", "libx264") if c in av.codecs_available]
-
-
-def write_video(path, size=(64, 48), num_frames=10, fps=10, codec="mpeg4", seed=0):
-    """A video of random frames; returns the frames written (RGB uint8)."""
-    w, h = size
-    frames = np.random.default_rng(seed).integers(0, 256, (num_frames, h, w, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def make_processor(patch_size=14, min_pixels=28 * 28, max_pixels=28 * 28 * 16) -> Qwen2VLImageProcessorPil:
@@ -228,9 +217,6 @@ def test_decoded_frames_are_the_written_frames(tmp_path):
         load_video_frames(path, [3, 1])
 
 
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-
 @pytest.fixture(scope="module")
 def video_tokenizer(_base_tokenizer):
     tok = copy.deepcopy(_base_tokenizer)
@@ -238,45 +224,24 @@ def video_tokenizer(_base_tokenizer):
     return tok
 
 
-def tiny_model(family, tokenizer):
-    import transformers
-
-    ids = dict(zip(VISION_TOKENS, tokenizer.convert_tokens_to_ids(VISION_TOKENS)))
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, spatial_merge_size=2,
-                  temporal_patch_size=2, out_hidden_size=64)
-    if family == "qwen2_5_vl":
-        text["rope_parameters"] = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
-        vision.update(patch_size=14, window_size=56, fullatt_block_indexes=[0], tokens_per_second=2)
-        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
-    else:
-        text.update(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                      mrope_section=[4, 2, 2], mrope_interleaved=True))
-        vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
-        config_class, model_class = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
-    config = config_class(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                          video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                          vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    return model_class(config).float().eval()
-
-
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_video_through_tiny_model(tmp_path, video_tokenizer, family):
     """The expanded placeholder has exactly the tokens the model's video features fill, and get_rope_index places
     them: Qwen2.5-VL one (t, h, w) grid spaced by second_per_grid_ts, Qwen3-VL one (1, h, w) grid per patch."""
-    model = tiny_model(family, video_tokenizer)
+    model = tiny_qwen_vl(family, video_tokenizer)
     config = model.config
     patch = config.vision_config.patch_size
     processor = make_processor(patch_size=patch, min_pixels=(2 * patch) ** 2, max_pixels=(2 * patch) ** 2 * 4)
     path = write_video(tmp_path / "a.mp4", (64, 48), num_frames=30, fps=10)
     meta = video_info(path)
     indices = sample_frame_indices(meta, 2, 768, 2)  # 6 frames: 3 temporal patches
-    grid = video_grid(meta, processor, 2, 768)
-    pixels, grid_thw = video_pixels(load_video_frames(path, indices), processor)
+    clip = plan_video("a.mp4", path, config, video_tokenizer, VideoConfig(fps=2, max_frames=768))
+    grid = clip.grid(processor)
+    assert clip.frame_indices == tuple(indices) and grid == video_grid(meta, processor, 2, 768)
+    pixels, grid_thw = clip.pixels(processor)
+    assert torch.equal(pixels, video_pixels(load_video_frames(path, indices), processor)[0])
     assert writes_timestamps(config) == (family == "qwen3_vl")
-    expansion = video_pad_expansion(grid, config, video_tokenizer, patch_timestamps(meta, indices, 2))
+    expansion = clip.token_ids(grid)
     before, after = video_tokenizer.encode("Look:"), video_tokenizer.encode("What happens?")
     ids = torch.tensor([before + [config.vision_start_token_id] + expansion + [config.vision_end_token_id] + after])
     types = mm_token_type_ids(ids, config)
@@ -285,10 +250,15 @@ def test_video_through_tiny_model(tmp_path, video_tokenizer, family):
     inputs = dict(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid_thw, mm_token_type_ids=types)
     rope_args = dict(mm_token_type_ids=types, video_grid_thw=grid_thw)
     if family == "qwen2_5_vl":
-        spg = torch.tensor([seconds_per_temporal_patch(meta, indices, 2)])
+        assert clip.timestamp_ids is None
+        spg = torch.tensor([clip.second_per_grid])
+        assert clip.second_per_grid == seconds_per_temporal_patch(meta, indices, 2)
         inputs["second_per_grid_ts"] = rope_args["second_per_grid_ts"] = spg
     else:
+        assert clip.second_per_grid is None
+        stamps = [timestamp_text(t) for t in patch_timestamps(meta, indices, 2)]
         assert video_tokenizer.decode(expansion).startswith("<0.3 seconds><|vision_start|>")
+        assert [video_tokenizer.decode(ids) for ids in clip.timestamp_ids] == stamps
         assert video_tokenizer.decode(expansion).count(" seconds>") == grid[0]
     with torch.no_grad():
         logits = model(**inputs).logits

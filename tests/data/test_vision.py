@@ -1,17 +1,22 @@
 """Image conversations -> VisionDoc: exact visual token counts from image headers, both record shapes,
 assistant-only loss with placeholders never targets, clear errors for bad images, and the real demo data
-packed exactly through a tiny Qwen2.5-VL."""
+packed exactly through a tiny Qwen2.5-VL, Qwen3-VL and Kimi (kimi_k25)."""
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib.util
 import json
+import math
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
@@ -29,7 +34,7 @@ from zeropad.data.vision import (
 from zeropad.errors import DataError, ZeropadError
 from zeropad.verify import TOLERANCE
 
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 UNIT = 28  # patch 14 x merge 2
 SIZES = [(28, 28), (100, 37), (37, 100), (300, 168), (640, 480), (57, 913), (13, 11), (2000, 30)]  # (w, h)
 
@@ -61,7 +66,7 @@ def model(vision_tokenizer):
                            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
                            out_hidden_size=64),
         image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], video_token_id=len(vision_tokenizer) - 4,
+        vision_end_token_id=ids["<|vision_end|>"], video_token_id=ids["<|video_pad|>"],
     )
     torch.manual_seed(0)
     return Qwen2_5_VLForConditionalGeneration(config).float()
@@ -82,10 +87,98 @@ def qwen3_model(vision_tokenizer):
                            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                            deepstack_visual_indexes=[0], out_hidden_size=64),
         image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], video_token_id=len(vision_tokenizer) - 4,
+        vision_end_token_id=ids["<|vision_end|>"], video_token_id=ids["<|video_pad|>"],
     )
     torch.manual_seed(0)
     return Qwen3VLForConditionalGeneration(config).float()
+
+
+KIMI_TOKENS = ["<|media_begin|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>"]
+
+
+def transformers_navit_resize():
+    """transformers' own `navit_resize` (Kimi's resize rule). Its module imports torchvision at the top; where
+    torchvision is absent the function (plain math) is compiled from that module's source instead."""
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers.models.kimi_k25.image_processing_kimi_k25 import navit_resize
+
+        return navit_resize
+    import transformers.models.kimi_k25 as kimi
+
+    path = Path(kimi.__file__).parent / "image_processing_kimi_k25.py"
+    function = next(node for node in ast.parse(path.read_text()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == "navit_resize")
+    namespace = {"math": math}
+    exec(compile(ast.Module([function], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["navit_resize"]
+
+
+class KimiImageProcessorStandIn:
+    """Kimi_K25ImageProcessor's pipeline, for where torchvision (which that processor needs) is absent: transformers'
+    navit_resize, torch's antialiased bicubic resize of the uint8 image (the kernel torchvision's resize runs on
+    CPU), zero padding at the bottom and right, normalization by IMAGENET_STANDARD mean/std on the 0-255 scale,
+    and [N, 3, p, p] patches in raster order. Checked bit for bit against the real processor on the demo JPEGs
+    and generated images of 6 sizes (torchvision 0.28 loaded beside this environment)."""
+
+    def __init__(self, patch_size=14, merge_size=2, max_patches=64, max_side=512):
+        self.patch_size, self.merge_size, self.max_patches = patch_size, merge_size, max_patches
+        self.size = {"max_height": max_side, "max_width": max_side}
+        self.navit_resize = transformers_navit_resize()
+
+    def __call__(self, images, return_tensors="pt"):
+        p, pixels, grids = self.patch_size, [], []
+        for image in images:
+            x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]  # uint8 [1, 3, H, W]
+            (h, w), (pad_h, pad_w) = self.navit_resize(x.shape[2], x.shape[3], p, self.merge_size, self.max_patches,
+                                                       self.size["max_height"])
+            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            x = (F.pad(x, (0, pad_w - w, 0, pad_h - h)).float() - 127.5) / 127.5
+            gh, gw = pad_h // p, pad_w // p
+            pixels.append(x.reshape(3, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, p, p))
+            grids.append([1, gh, gw])
+        return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
+
+
+def kimi_processor(**kwargs):
+    """The real Kimi_K25ImageProcessor where torchvision is installed, else the stand-in."""
+    if importlib.util.find_spec("torchvision") is None:
+        return KimiImageProcessorStandIn(**kwargs)
+    from transformers import Kimi_K25ImageProcessor
+
+    max_side = kwargs.pop("max_side", 512)
+    return Kimi_K25ImageProcessor(**kwargs, size={"max_height": max_side, "max_width": max_side})
+
+
+@pytest.fixture(scope="module")
+def kimi_tokenizer(_base_tokenizer):
+    tok = copy.deepcopy(_base_tokenizer)
+    tok.add_tokens(KIMI_TOKENS, special_tokens=True)
+    ensure_chat_template(tok, None)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def kimi_model(kimi_tokenizer):
+    """Tiny kimi_k25: MoonViT (14-pixel patches, 2x2 merge), MLP projector, 2-layer DeepSeek-V3 MoE text model."""
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    ids = dict(zip(KIMI_TOKENS, kimi_tokenizer.convert_tokens_to_ids(KIMI_TOKENS)))
+    config = Kimi_K25Config(
+        text_config=dict(model_type="deepseek_v3", vocab_size=len(kimi_tokenizer), hidden_size=64,
+                         intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                         n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=2048,
+                         bos_token_id=kimi_tokenizer.pad_token_id, eos_token_id=kimi_tokenizer.eos_token_id,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+        vision_config=dict(patch_size=14, pos_emb_height=8, pos_emb_width=8, num_attention_heads=2,
+                           num_hidden_layers=2, hidden_size=32, intermediate_size=48, merge_kernel_size=[2, 2],
+                           rope_parameters=dict(rope_type="axial", rope_theta=10000.0)),
+        projection_hidden_size=32, image_token_id=ids["<|media_pad|>"], vision_start_token_id=ids["<|media_begin|>"],
+        vision_end_token_id=ids["<|media_end|>"], video_token_id=len(kimi_tokenizer) - 5,
+    )
+    torch.manual_seed(0)
+    return Kimi_K25ForConditionalGeneration(config).float()
 
 
 def save_image(path, size, seed=0):
@@ -122,6 +215,26 @@ def test_image_grid_follows_processor_patch_size():
     image = Image.fromarray(np.zeros((150, 310, 3), dtype=np.uint8))
     grid = processor(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
     assert list(image_grid(310, 150, processor)) == grid
+
+
+@pytest.mark.parametrize("limits", [(64, 512), (16384, 512), (4096, 12)])
+def test_kimi_grid_follows_transformers_navit_resize(limits):
+    """Kimi's grid (shrink to max_patches and max_height patches a side, pad to whole 2x2 blocks) equals
+    transformers' own rule, for small, large, thin and exact-multiple sizes; (4096, 12) caps the side."""
+    max_patches, max_side = limits
+    processor = KimiImageProcessorStandIn(max_patches=max_patches, max_side=max_side)
+    navit_resize = transformers_navit_resize()
+    for w, h in SIZES + [(1, 1), (14, 14), (27, 29), (4000, 3000), (168, 1), (1000, 2)]:
+        _, (pad_h, pad_w) = navit_resize(h, w, 14, 2, max_patches, max_side)
+        assert image_grid(w, h, processor) == (1, pad_h // 14, pad_w // 14), (w, h)
+
+
+def test_kimi_visual_token_count_matches_processor(tmp_path, shared_data):
+    processor = kimi_processor(max_patches=64)
+    paths = sorted((shared_data / "mllm_demo_data").glob("*.jpg"))
+    paths += [save_image(tmp_path / f"{i}.png", size, seed=i) for i, size in enumerate(SIZES)]
+    for path in paths:
+        assert visual_token_count(path, processor) == processor_tokens(path, processor), path.name
 
 
 def test_counting_reads_only_the_header(tmp_path):
@@ -257,8 +370,8 @@ def test_malformed_content_parts(tmp_path, vision_tokenizer, model):
     def record(part):
         return {"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "ok"}]}
 
-    check_error(record({"type": "video", "video": "v.mp4"}), tmp_path, vision_tokenizer, model,
-                "messages[1].content[1]", "type 'video'")
+    check_error(record({"type": "audio", "audio": "a.wav"}), tmp_path, vision_tokenizer, model,
+                "messages[1].content[1]", "type 'audio'")
     check_error(record({"type": "image_url", "image_url": {}}), tmp_path, vision_tokenizer, model, "no image path")
     check_error(record({"type": "image_url", "image_url": {"url": "https://x.org/a.jpg"}}), tmp_path,
                 vision_tokenizer, model, "only local image files")
@@ -295,10 +408,56 @@ def test_tokenizer_without_vision_tokens_is_a_clear_error(tmp_path, _base_tokeni
         read_image_conversation(record, _base_tokenizer, model.config, file=str(tmp_path / "d.json"), record_no=1)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_real_demo_data_packs_exactly(shared_data, vision_tokenizer, family, request):
+def test_kimi_record_becomes_a_kimi_doc(tmp_path, kimi_tokenizer, kimi_model):
+    """Each <image> is rendered as Kimi's template renders an image part, <|media_begin|>image<|media_content|>
+    <|media_pad|>*n <|media_end|>, with n what the model's vision tower gives that image (its own placeholder check
+    passes); no marker token is a target."""
+    sizes = [(90, 60), (300, 168), (33, 200)]
+    for i, size in enumerate(sizes):
+        save_image(tmp_path / f"{i}.png", size, seed=i)
+    record = {"messages": conversation("<image><image>Compare.", "<image>Describe."),
+              "images": ["0.png", "1.png", "2.png"]}
+    file, cfg, processor = str(tmp_path / "data.json"), kimi_model.config, kimi_processor(max_patches=64)
+    for train_on_prompt in (False, True):
+        conv = read_image_conversation(record, kimi_tokenizer, cfg, file=file, record_no=3,
+                                       train_on_prompt=train_on_prompt)
+        doc = to_vision_doc(conv, processor, cfg, file=file, record_no=3)
+        assert len(doc) == vision_doc_length(conv, processor, file=file, record_no=3)
+        counts = [visual_token_count(tmp_path / f"{i}.png", processor) for i in range(3)]
+        text = kimi_tokenizer.decode(doc.input_ids, skip_special_tokens=False)
+        for n in counts:
+            assert f"<|media_begin|>image<|media_content|>{'<|media_pad|>' * n}<|media_end|>" in text
+        assert text.count("<|media_begin|>") == 3 == doc.num_images
+        assert doc.pixel_values.shape == (int(doc.image_grid_thw.prod(dim=1).sum()), 3, 14, 14)
+        targets = kimi_tokenizer.decode(doc.input_ids[doc.loss_mask])
+        assert "<|media" not in targets and "image" not in targets and targets.count("Paris is the capital.") == 2
+        assert ("Compare." in targets) == train_on_prompt
+    with torch.no_grad():  # the model's own check: as many <|media_pad|> tokens as image features
+        kimi_model(input_ids=doc.input_ids[None], pixel_values=doc.pixel_values, image_grid_thw=doc.image_grid_thw)
+
+
+def test_kimi_needs_its_processor_and_marker_tokens(tmp_path, kimi_tokenizer, kimi_model, _base_tokenizer, model):
+    save_image(tmp_path / "a.jpg", (64, 64))
+    record = {"messages": conversation("<image>Hi"), "images": ["a.jpg"]}
+    file = str(tmp_path / "d.json")
+    with pytest.raises(ZeropadError, match="does not match the model's vision config"):  # Qwen's for Kimi
+        record_to_vision_doc(record, kimi_tokenizer, make_processor(), kimi_model.config, file=file, record_no=1)
+    with pytest.raises(ZeropadError, match="does not match the model's vision config"):  # Kimi's for Qwen
+        record_to_vision_doc(record, kimi_tokenizer, kimi_processor(), model.config, file=file, record_no=1)
+    without_content = copy.deepcopy(_base_tokenizer)
+    without_content.add_tokens([t for t in KIMI_TOKENS if t != "<|media_content|>"], special_tokens=True)
+    config = copy.deepcopy(kimi_model.config)
+    config.image_token_id, config.vision_start_token_id, config.vision_end_token_id = \
+        without_content.convert_tokens_to_ids(["<|media_pad|>", "<|media_begin|>", "<|media_end|>"])
+    with pytest.raises(ZeropadError, match=r"no token for \['<\|media_content\|>'\]"):
+        read_image_conversation(record, without_content, config, file=file, record_no=1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "kimi_k25"])
+def test_real_demo_data_packs_exactly(shared_data, family, request):
     """All 6 records of mllm_demo.json become VisionDocs whose lengths were known from image headers, and a pack
-    of 3 of them (real JPEGs, several images) equals each document alone through a tiny Qwen2.5-VL and Qwen3-VL.
+    of 3 of them (real JPEGs, several images) equals each document alone through a tiny Qwen2.5-VL, Qwen3-VL and
+    Kimi (JPEGs shrunk to 64 patches and padded to whole merged tokens).
 
     Logits agree within the absolute 1e-5. Gradients of the summed token loss over these real-length documents
     (~370 targets) reach |g| ~ 55, where fp32 summation order alone moves the last few ulps (~2e-5 absolute):
@@ -307,16 +466,20 @@ def test_real_demo_data_packs_exactly(shared_data, vision_tokenizer, family, req
     from zeropad.model.vlm import VisionDoc, check_multimodal_exactness, pack_multimodal, packed_attn_implementation
     from zeropad.model.vlm import reference_forward_backward
 
+    tokenizer = request.getfixturevalue("vision_tokenizer")
     if family == "qwen2_5_vl":
         model, processor = request.getfixturevalue("model"), make_processor()
-    else:  # Qwen3-VL: 16-pixel patches
+    elif family == "qwen3_vl":  # 16-pixel patches
         model = request.getfixturevalue("qwen3_model")
         processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
                                              max_pixels=32 * 32 * 16)
+    else:
+        model, tokenizer = request.getfixturevalue("kimi_model"), request.getfixturevalue("kimi_tokenizer")
+        processor = kimi_processor(max_patches=64)
     path = shared_data / "mllm_demo.json"
     docs = []
     for record_no, record in enumerate(json.loads(path.read_text()), start=1):
-        conv = read_image_conversation(record, vision_tokenizer, model.config, file=str(path), record_no=record_no)
+        conv = read_image_conversation(record, tokenizer, model.config, file=str(path), record_no=record_no)
         doc = to_vision_doc(conv, processor, model.config, file=str(path), record_no=record_no)
         assert len(doc) == vision_doc_length(conv, processor, file=str(path), record_no=record_no)
         assert doc.num_images == len(record["images"]) and doc.loss_mask[1:].any()

@@ -1,5 +1,7 @@
 """Invariants 2-3 for VLMs: a pack of documents with several images of different sizes, forward and backward,
-equals each document alone (unpadded, eager attention, its own images), for Qwen2.5-VL and Qwen3-VL."""
+equals each document alone (unpadded, eager attention, its own images), for Qwen2.5-VL, Qwen3-VL and the Kimi-VL
+design (transformers' kimi_k25: MoonViT, MLP projector, DeepSeek-V3 MoE language model with MLA attention); and
+a pack mixing images and videos of different lengths and sizes does too, for Qwen2.5-VL and Qwen3-VL."""
 
 import numpy as np
 import pytest
@@ -8,11 +10,14 @@ import torch
 import zeropad.model.attention  # noqa: F401  (registers zeropad_varlen)
 from zeropad.model.vlm import (
     VisionDoc,
+    mm_token_type_ids,
+    check_attn_implementation,
     check_multimodal_exactness,
     image_placeholder,
-    mrope_position_ids,
     pack_multimodal,
     packed_attn_implementation,
+    packed_position_ids,
+    vision_family,
 )
 from zeropad.verify import TOLERANCE
 
@@ -55,23 +60,58 @@ def tiny_qwen3_vl():
     return Qwen3VLForConditionalGeneration(config).float()
 
 
-FAMILIES = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
+def tiny_kimi_k25():
+    """Kimi's shape at toy size: 2 language layers, the first dense (first_k_dense_replace=1) and the second a
+    DeepSeek-V3 MoE (4 routed experts, 2 per token, 1 shared) with MLA attention (q/kv LoRA ranks, split rope and
+    nope head dims, a value head dim of its own)."""
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    text = dict(model_type="deepseek_v3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=12, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    config = Kimi_K25Config(
+        text_config=text,
+        # an 8x8 learned position grid, bicubically resampled to each image's own grid
+        vision_config=dict(patch_size=8, pos_emb_height=8, pos_emb_width=8, num_attention_heads=2,
+                           num_hidden_layers=2, hidden_size=32, intermediate_size=48, merge_kernel_size=[2, 2],
+                           rope_parameters=dict(rope_type="axial", rope_theta=10000.0)),
+        projection_hidden_size=32,
+        **SPECIAL,
+    )
+    torch.manual_seed(0)
+    return Kimi_K25ForConditionalGeneration(config).float()
+
+
+FAMILIES = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "kimi_k25": tiny_kimi_k25}
 
 # (t, h, w) patch grids: different sizes and aspect ratios; h, w multiples of spatial_merge_size
 GRIDS = [(1, 4, 6), (1, 8, 6), (1, 2, 2), (1, 6, 10)]
 
 
-def processor_images(model, sizes: list[tuple[int, int]], seed=0) -> list[tuple[torch.Tensor, tuple]]:
-    """Generated PIL images of different (height, width) through the PIL-backend image processor, configured
-    from the model's vision config: [(pixel_values, grid_thw)] per image."""
-    from PIL import Image
+def image_processor(model):
+    """The model's image processor, configured from its vision config: Qwen's PIL backend; Kimi's only exists
+    as a torchvision processor (skipped where torchvision is not installed)."""
+    family = vision_family(model.config)
+    unit = family.processor_settings["patch_size"] * family.merge_size
+    if family.model_type == "kimi_k25":
+        pytest.importorskip("torchvision", reason="Kimi_K25ImageProcessor needs torchvision")
+        from transformers import Kimi_K25ImageProcessor
+
+        return Kimi_K25ImageProcessor(**family.processor_settings, max_patches=64)
     from transformers import Qwen2VLImageProcessorPil
 
-    v = model.config.vision_config
-    unit = v.patch_size * v.spatial_merge_size
-    processor = Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                                         temporal_patch_size=v.temporal_patch_size, min_pixels=unit * unit,
-                                         max_pixels=unit * unit * 16)
+    return Qwen2VLImageProcessorPil(**family.processor_settings, min_pixels=unit * unit, max_pixels=unit * unit * 16)
+
+
+def processor_images(model, sizes: list[tuple[int, int]], seed=0) -> list[tuple[torch.Tensor, tuple]]:
+    """Generated PIL images of different (height, width) through the model's image processor:
+    [(pixel_values, grid_thw)] per image."""
+    from PIL import Image
+
+    processor = image_processor(model)
     rng = np.random.default_rng(seed)
     out = []
     for h, w in sizes:
@@ -82,9 +122,12 @@ def processor_images(model, sizes: list[tuple[int, int]], seed=0) -> list[tuple[
 
 
 def fake_image(model, grid, generator) -> torch.Tensor:
-    """pixel_values for one image: [t*h*w, C*temporal_patch*patch*patch], as the image processors lay it out."""
+    """pixel_values for one image, as the family's image processor lays it out: Qwen [t*h*w, C*tp*p*p] rows
+    (temporal patch flattened in), Kimi [t*h*w, 3, p, p] patches (MoonViT's Conv2d patch embedding)."""
     v = model.config.vision_config
     t, h, w = grid
+    if vision_family(model.config).model_type == "kimi_k25":
+        return torch.randn(t * h * w, 3, v.patch_size, v.patch_size, generator=generator)
     return torch.randn(t * h * w, v.in_channels * v.temporal_patch_size * v.patch_size**2, generator=generator)
 
 
@@ -109,7 +152,8 @@ def make_docs(model, seed=0, source="random") -> list[VisionDoc]:
     if source == "random":
         images = [(None, grid) for grid in GRIDS]
     else:
-        unit = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+        family = vision_family(model.config)
+        unit = family.processor_settings["patch_size"] * family.merge_size
         images = processor_images(model, [(2 * unit, 3 * unit + 5), (4 * unit - 3, 3 * unit), (unit, unit),
                                           (3 * unit, 5 * unit)], seed)
 
@@ -137,13 +181,22 @@ def test_packed_equals_per_document_reference(model, source):
 
 
 def test_positions_restart_per_document(model):
+    """Qwen: 3-D mRoPE [3, 1, T]; Kimi: 1-D [1, T], 0..n-1 in every document (its reference, position_ids=None,
+    is arange)."""
     docs = make_docs(model)
-    pos = mrope_position_ids(model, docs)
-    assert pos.shape == (3, 1, sum(len(d) for d in docs))
+    pos = packed_position_ids(model, docs)
+    total = sum(len(d) for d in docs)
     start = 0
-    for d in docs:
-        assert pos[:, 0, start].tolist() == [0, 0, 0]
-        start += len(d)
+    if vision_family(model.config).mrope:
+        assert pos.shape == (3, 1, total)
+        for d in docs:
+            assert pos[:, 0, start].tolist() == [0, 0, 0]
+            start += len(d)
+    else:
+        assert pos.shape == (1, total)
+        for d in docs:
+            assert pos[0, start:start + len(d)].tolist() == list(range(len(d)))
+            start += len(d)
 
 
 def test_changing_one_image_changes_no_other_document(model):
@@ -179,6 +232,8 @@ def test_mismatched_placeholders_are_an_error(model):
 def test_check_catches_text_positions_on_image_documents(model):
     """Not vacuous: the plain 1D per-document positions the text packer gives (instead of the 3D multimodal
     ones) change the logits of every document with an image, and of no text-only one."""
+    if not vision_family(model.config).mrope:
+        pytest.skip("Kimi's positions are the text packer's 1-D ones")
     model.eval()
     model.set_attn_implementation(packed_attn_implementation())
     docs = make_docs(model)
@@ -191,3 +246,234 @@ def test_check_catches_text_positions_on_image_documents(model):
     for d, start, end in zip(docs, bounds[:-1], bounds[1:]):
         diff = (exact[start:end] - flat_logits[start:end]).abs().max().item()
         assert diff > 1e-4 if d.num_images else diff <= 1e-6, (d.num_images, diff)
+
+
+def test_check_catches_attention_across_documents(model):
+    """Not vacuous: without the document boundaries (one causal sequence over the whole pack) every document after
+    the first changes, and the first (a prefix either way) does not."""
+    model.eval()
+    model.set_attn_implementation(packed_attn_implementation())
+    docs = make_docs(model)
+    pack = pack_multimodal(docs, model)
+    inputs = pack.model_inputs()
+    joined = {k: v for k, v in inputs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    with torch.no_grad():
+        exact = model(**inputs).logits[0]
+        leaky = model(**joined).logits[0]
+    bounds = pack.cu_seqlens.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        diff = (exact[start:end] - leaky[start:end]).abs().max().item()
+        assert diff <= 1e-5 if i == 0 else diff > 1e-4, (i, diff)
+
+
+def test_text_boundaries_reach_the_vision_tower_only_where_the_family_says(model):
+    """What `vision_gets_text_kwargs` states, observed: a recording vision backend (sdpa underneath, registered by
+    name) sees the text's cu_seq_lens_q in Kimi (its get_image_features passes the forward's kwargs on) and not
+    in Qwen (dropped by transformers); so Kimi's vision tower refuses a flash backend, which would get them twice."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = set()
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.update(kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording_sdpa", recording_sdpa)
+    family = vision_family(model.config)
+    model.eval()
+    model.set_attn_implementation(packed_attn_implementation("recording_sdpa"))
+    try:
+        with torch.no_grad():
+            model(**pack_multimodal(make_docs(model), model).model_inputs())
+    finally:
+        model.set_attn_implementation(packed_attn_implementation())
+    assert seen and ("cu_seq_lens_q" in seen) == family.vision_gets_text_kwargs, sorted(seen)
+    model.config.vision_config._attn_implementation = "flash_attention_2"  # the check reads the name only
+    try:
+        if family.vision_gets_text_kwargs:
+            with pytest.raises(ValueError, match="twice"):
+                check_attn_implementation(model)
+        else:
+            check_attn_implementation(model)
+    finally:
+        model.set_attn_implementation(packed_attn_implementation())
+
+
+# -- videos (Qwen2.5-VL, Qwen3-VL) ----------------------------------------------------------------------------------
+
+# (t, h, w) video grids: 1, 2 and 3 temporal patches, different frame sizes
+VIDEO_GRIDS = [(2, 4, 6), (3, 2, 4), (1, 6, 4), (2, 2, 2)]
+
+
+def video_tokens(model, grid, generator) -> list[int]:
+    """<vision_start> video <vision_end> as the family's processor writes it: Qwen2.5-VL <video>*(t*h*w/4);
+    Qwen3-VL per temporal patch some timestamp text (random ids here), <vision_start> <video>*(h*w/4) <vision_end>."""
+    c = model.config
+    t, h, w = grid
+    if model.config.model_type == "qwen2_5_vl":
+        inner = [c.video_token_id] * (t * h * w // 4)
+    else:
+        inner = []
+        for _ in range(t):
+            stamp = torch.randint(0, 100, (int(torch.randint(3, 6, (1,), generator=generator)),), generator=generator)
+            inner += stamp.tolist() + [c.vision_start_token_id] + [c.video_token_id] * (h * w // 4) + [
+                c.vision_end_token_id]
+    return [c.vision_start_token_id] + inner + [c.vision_end_token_id]
+
+
+def make_media_doc(model, parts: list, generator) -> VisionDoc:
+    """parts: ints (that many random text tokens), ("image", grid) or ("video", grid, second_per_grid). Only
+    text tokens are targets (markers, timestamps and visual tokens are not)."""
+    ids, is_target, images, videos, seconds = [], [], [], [], []
+    for part in parts:
+        if isinstance(part, int):
+            run = torch.randint(0, 100, (part,), generator=generator).tolist()
+        elif part[0] == "image":
+            run, _ = image_placeholder(model.config, part[1]), images.append(part[1])
+        else:
+            run, _ = video_tokens(model, part[1], generator), videos.append(part[1])
+            seconds.append(part[2])
+        ids += run
+        is_target += [isinstance(part, int)] * len(run)
+    doc = dict(input_ids=torch.tensor(ids), loss_mask=torch.tensor(is_target))
+    if images:
+        doc.update(pixel_values=torch.cat([fake_image(model, g, generator) for g in images]),
+                   image_grid_thw=torch.tensor(images))
+    if videos:
+        doc.update(pixel_values_videos=torch.cat([fake_image(model, g, generator) for g in videos]),
+                   video_grid_thw=torch.tensor(videos))
+        if model.config.model_type == "qwen2_5_vl":
+            doc.update(second_per_grid_ts=torch.tensor(seconds, dtype=torch.float32))
+    return VisionDoc(**doc)
+
+
+def make_video_docs(model, seed=0) -> list[VisionDoc]:
+    """5 documents: image + video, text only, two videos + image, video alone, image + video + image: 5 videos of
+    1-3 temporal patches and 4 sizes, 4 images of 4 sizes, second_per_grid_ts from 0.5 to 2 s."""
+    g = torch.Generator().manual_seed(seed)
+    return [make_media_doc(model, [4, ("image", GRIDS[0]), 3, ("video", VIDEO_GRIDS[0], 1.0), 5], g),
+            make_media_doc(model, [11], g),
+            make_media_doc(model, [2, ("video", VIDEO_GRIDS[1], 0.5), ("image", GRIDS[2]), 4,
+                                   ("video", VIDEO_GRIDS[2], 2.0), 3], g),
+            make_media_doc(model, [("video", VIDEO_GRIDS[3], 0.75), 6], g),
+            make_media_doc(model, [3, ("image", GRIDS[1]), ("video", VIDEO_GRIDS[0], 1.5), 2, ("image", GRIDS[3]), 4],
+                           g)]
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def video_model(request):
+    """One intra-op thread: these toy shapes gain nothing from more, and on a shared machine extra threads contend
+    (the Qwen2.5-VL exactness check took 25 s with 2 contended threads, 0.1 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield FAMILIES[request.param]()
+    torch.set_num_threads(threads)
+
+
+def test_videos_and_images_packed_equal_per_document_reference(video_model):
+    docs = make_video_docs(video_model)
+    assert sum(d.num_videos for d in docs) == 5 and sum(d.num_images for d in docs) == 4
+    assert len({tuple(g.tolist()) for d in docs if d.num_videos for g in d.video_grid_thw}) == 4
+    assert any(d.num_images == d.num_videos == 0 for d in docs)
+    report = check_multimodal_exactness(video_model, docs)
+    print(type(video_model).__name__, "with videos:", report.summary())
+    assert report.max_logit_diff <= TOLERANCE, report.summary()
+    assert report.max_grad_diff <= TOLERANCE, report.summary()
+
+
+def test_video_positions_are_the_models_own(video_model):
+    """Per document, the packed positions are get_rope_index's on that document alone, videos included; and they
+    depend on what the family reads: Qwen2.5-VL's second_per_grid_ts spacing, Qwen3-VL's per-patch split."""
+    model = video_model
+    docs = make_video_docs(model)
+    pos = packed_position_ids(model, docs)
+    bounds = np.cumsum([0] + [len(d) for d in docs])
+    for doc, start, end in zip(docs, bounds[:-1], bounds[1:]):
+        ids = doc.input_ids[None]
+        types = mm_token_type_ids(ids, model.config)
+        grids = {k: v for k, v in dict(image_grid_thw=doc.image_grid_thw, video_grid_thw=doc.video_grid_thw,
+                                       second_per_grid_ts=doc.second_per_grid_ts).items() if v is not None}
+        expected = model.model.get_rope_index(ids, types, **grids)[0] if grids else None
+        if expected is None:
+            assert pos[:, 0, start:end].tolist() == [list(range(len(doc)))] * 3
+        else:
+            assert torch.equal(pos[:, :, start:end], expected)
+    video = docs[3]  # one video, 2 temporal patches
+    is_video = video.input_ids == model.config.video_token_id
+    temporal = packed_position_ids(model, [video])[0, 0, is_video].view(2, -1)[:, 0]
+    if model.config.model_type == "qwen2_5_vl":  # spaced by tokens_per_second * second_per_grid_ts
+        assert (temporal[1] - temporal[0]).item() == int(model.config.vision_config.tokens_per_second * 0.75)
+    else:  # the second patch starts after the first patch's block, its <vision_end> and the timestamp text
+        assert (temporal[1] - temporal[0]).item() > 1 + 3
+
+
+def test_changing_one_video_changes_no_other_document(video_model):
+    model = video_model
+    model.eval()
+    model.set_attn_implementation(packed_attn_implementation())
+    docs = make_video_docs(model)
+    changed = list(docs)
+    d = docs[2]  # two videos: replace the second one's pixels
+    n_first = int(torch.prod(d.video_grid_thw[0]))
+    g = torch.Generator().manual_seed(99)
+    pixels = torch.cat([d.pixel_values_videos[:n_first], fake_image(model, VIDEO_GRIDS[2], g)])
+    changed[2] = VisionDoc(**{**vars(d), "pixel_values_videos": pixels})
+    with torch.no_grad():
+        before = model(**pack_multimodal(docs, model).model_inputs()).logits[0]
+        after = model(**pack_multimodal(changed, model).model_inputs()).logits[0]
+    bounds = np.cumsum([0] + [len(doc) for doc in docs])
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        diff = (before[start:end] - after[start:end]).abs().max().item()
+        assert diff > 1e-4 if i == 2 else diff == 0.0, (i, diff)
+
+
+def test_mismatched_video_tokens_and_mixed_timing_are_errors(video_model):
+    model = video_model
+    docs = make_video_docs(model)
+    d = docs[3]
+    short = VisionDoc(**{**vars(d), "video_grid_thw": torch.tensor([[2, 2, 4]])})  # a grid of twice the tokens
+    with pytest.raises(ValueError, match="video tokens but its 1 videos need"):
+        pack_multimodal([short], model)
+    if model.config.model_type == "qwen2_5_vl":
+        untimed = VisionDoc(**{**vars(d), "second_per_grid_ts": None})
+        with pytest.raises(ValueError, match="second_per_grid_ts"):
+            pack_multimodal([docs[0], untimed], model)
+
+
+def test_kimi_refuses_videos():
+    model = tiny_kimi_k25()
+    g = torch.Generator().manual_seed(0)
+    doc = make_doc(model, [5, 7], [GRIDS[0]], g)
+    c = model.config
+    video = [c.vision_start_token_id] + [c.video_token_id] * 6 + [c.vision_end_token_id]
+    with_video = VisionDoc(torch.cat([doc.input_ids, torch.tensor(video)]),
+                           torch.cat([doc.loss_mask, torch.zeros(len(video), dtype=torch.bool)]), doc.pixel_values,
+                           doc.image_grid_thw, torch.randn(24, 3 * 8 * 8), torch.tensor([[1, 4, 6]]))
+    with pytest.raises(ValueError, match="kimi_k25: the packed path takes no videos"):
+        pack_multimodal([with_video], model)
+
+
+def test_text_boundaries_do_not_reach_the_video_tower(video_model):
+    """As for images: Qwen's get_video_features drops the forward's kwargs, so the vision attention never sees the
+    text's cu_seq_lens_q (a flash vision backend stays possible with videos)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.append(set(kwargs))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording_sdpa_videos", recording_sdpa)
+    model = video_model
+    model.eval()
+    model.set_attn_implementation(packed_attn_implementation("recording_sdpa_videos"))
+    try:
+        docs = [d for d in make_video_docs(model) if d.num_videos and not d.num_images]  # the video tower only
+        with torch.no_grad():
+            model(**pack_multimodal(docs, model).model_inputs())
+    finally:
+        model.set_attn_implementation(packed_attn_implementation())
+    assert seen and not any("cu_seq_lens_q" in kwargs for kwargs in seen)

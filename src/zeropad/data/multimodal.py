@@ -1,14 +1,17 @@
-"""Image conversations for training: exact lengths when the data is loaded, pixels only when a pack is built.
+"""Image and video conversations for training: exact lengths when the data is loaded, pixels only when a pack
+is built.
 
-Loading reads every record, checks it (placeholders against images, image headers) and tokenizes it into a
-`VisionSample`: the tokens with one pad per image and the exact length the document will have once each pad
-is expanded to its visual tokens (from the image header and the processor's resize rule). The packer plans
-on those lengths; no decoded pixels are kept. `MultimodalCollator` decodes a pack's images and builds the
-`MultimodalPack` when the pack is trained on, so memory holds one step's pixels at a time.
+Loading reads every record, checks it (placeholders against images and videos, image headers, video metadata)
+and tokenizes it into a `VisionSample`: the tokens with one pad per image or video and the exact length the
+document will have once each pad is expanded (from the image header or the video's metadata, sampled with
+`video.fps` / `video.max_frames` / `video.max_pixels`, and the processor's resize rule). The packer plans on
+those lengths; no decoded pixels are kept. `MultimodalCollator` decodes a pack's images and video frames and
+builds the `MultimodalPack` when the pack is trained on, so memory holds one step's pixels at a time. The video
+settings travel with each sample (its `VideoClip`s), so the collator decodes the frames its length counted.
 
-An image that passes the header check but is corrupt further in is found at pack time: with
+An image or video that passes the header check but is corrupt further in is found at pack time: with
 `data.on_bad_sample: skip` that document leaves its pack and is counted; with `error` the run stops naming
-the file, record and image.
+the file, record and image or video.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from zeropad.model.vlm import MultimodalPack, pack_multimodal
 
 @dataclass(frozen=True)
 class VisionSample:
-    """A checked, tokenized image conversation and its exact packed length; pixels are decoded later."""
+    """A checked, tokenized image/video conversation and its exact packed length; pixels are decoded later."""
 
     conversation: ImageConversation
     length: int
@@ -69,7 +72,7 @@ def load_image_processor(cfg: Config, model_config: PretrainedConfig):
 def load_vision_samples(cfg: Config, sources, tokenizer, processor, model_config: PretrainedConfig
                         ) -> tuple[list[VisionSample], SampleReport]:
     """Every record of `sources` checked and measured; bad records follow data.on_bad_sample. A sample over
-    pack.max_tokens is dropped (counted): cutting it could split an image from its tokens."""
+    pack.max_tokens is dropped (counted): cutting it could split an image or video from its tokens."""
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     report = SampleReport()
     policy = SamplePolicy(cfg.data.on_bad_sample, report, cfg.pack.max_tokens, "drop", collect=True)
@@ -103,7 +106,8 @@ def load_vision_samples(cfg: Config, sources, tokenizer, processor, model_config
 
 def _measure(record: dict, source, cfg: Config, tokenizer, processor, model_config, record_no: int) -> VisionSample:
     conversation = read_image_conversation(record, tokenizer, model_config, file=source.path, record_no=record_no,
-                                           fmt=source.format, train_on_prompt=cfg.data.train_on_prompt)
+                                           fmt=source.format, train_on_prompt=cfg.data.train_on_prompt,
+                                           video=cfg.video)
     if not conversation.sample.loss_mask[1:].any():
         raise DataError(source.path, record_no, "no target tokens")
     length = vision_doc_length(conversation, processor, file=source.path, record_no=record_no)
@@ -111,7 +115,7 @@ def _measure(record: dict, source, cfg: Config, tokenizer, processor, model_conf
 
 
 class MultimodalCollator:
-    """VisionSamples of one pack -> MultimodalPack: decode the images, run the processor, expand, pack."""
+    """VisionSamples of one pack -> MultimodalPack: decode the images and frames, run the processor, expand, pack."""
 
     def __init__(self, model, processor, on_bad_sample: str, report: SampleReport):
         self.model, self.processor, self.on_bad_sample, self.report = model, processor, on_bad_sample, report
@@ -131,5 +135,6 @@ class MultimodalCollator:
                 self.report.skipped[err.reason] += 1
                 self.bad.add((sample.file, sample.record_no))
         if not docs:
-            raise DataError(samples[0].file, samples[0].record_no, "every document of this pack has a corrupt image")
+            raise DataError(samples[0].file, samples[0].record_no,
+                            "every document of this pack has a corrupt image or video")
         return pack_multimodal(docs, self.model)

@@ -29,7 +29,10 @@ transformers, all deliberate:
   - no cap_pixels_per_frame (whole-video token cap): choose max_pixels instead.
 
 Timestamps: Qwen2.5-VL spaces temporal positions by second_per_grid_ts (`seconds_per_temporal_patch`);
-Qwen3-VL writes "<t seconds>" text before each temporal patch (`patch_timestamps`, `video_pad_expansion`).
+Qwen3-VL writes "<t seconds>" text before each temporal patch (`patch_timestamps`, `VideoClip.token_ids`).
+
+A record's video is planned once, when the data is loaded (`plan_video` -> `VideoClip`: metadata, frame indices,
+the timestamp tokens), so its length before packing and its pixels at pack time follow one plan.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 # The PIL-backend module: the torchvision one (image_processing_qwen2_vl) does not import without torchvision.
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from zeropad.config import VideoConfig
 from zeropad.errors import ConfigError, ZeropadError
 from zeropad.model.vlm import num_image_tokens
 
@@ -110,9 +114,7 @@ def video_grid(info: VideoInfo, processor, fps: float, max_frames: int, max_pixe
     """(t, h, w) patch grid of the video's pixel path (`load_video_frames` + `video_pixels`), from metadata."""
     num_frames = len(sample_frame_indices(info, fps, max_frames, processor.temporal_patch_size,
                                           min_frames=min_frames))
-    resized_h, resized_w = _resized_frame_size(info.width, info.height, processor, max_pixels)
-    return (num_frames // processor.temporal_patch_size, resized_h // processor.patch_size,
-            resized_w // processor.patch_size)
+    return _grid(num_frames, info, processor, max_pixels)
 
 
 def num_video_tokens(grid_thw, merge_size: int) -> int:
@@ -197,25 +199,70 @@ def writes_timestamps(config) -> bool:
     return PROCESSOR_MAPPING_NAMES.get(config.model_type) == "Qwen3VLProcessor"
 
 
-def video_pad_expansion(grid_thw, config, tokenizer, timestamps: Sequence[float] | None = None) -> list[int]:
-    """Token ids that replace the one <|video_pad|> of `<|vision_start|><|video_pad|><|vision_end|>` (the
-    chat templates' video part), as the family's processor's `replace_video_token` writes them:
-      Qwen2.5-VL: <|video_pad|> * (t*h*w / merge^2);
-      Qwen3-VL: for each temporal patch, "<{s:.1f} seconds>" <|vision_start|> <|video_pad|> * (h*w / merge^2)
-      <|vision_end|> (nested inside the template's own start/end markers, as transformers writes it).
-    Only <|video_pad|> tokens are visual (mm_token_type_ids 2); the rest is text."""
-    t, h, w = (int(x) for x in grid_thw)
-    merge = config.vision_config.spatial_merge_size
-    if not writes_timestamps(config):
-        return [config.video_token_id] * num_video_tokens((t, h, w), merge)
-    if timestamps is None or len(timestamps) != t:
-        raise ValueError(f"Qwen3-VL needs one timestamp per temporal patch ({t}), got {timestamps}")
-    frame = [config.vision_start_token_id] + [config.video_token_id] * (h * w // merge**2) + [
-        config.vision_end_token_id]
-    ids = []
-    for seconds in timestamps:
-        ids += tokenizer.encode(timestamp_text(seconds), add_special_tokens=False) + frame
-    return ids
+@dataclass(frozen=True)
+class VideoClip:
+    """One video of a record, planned from metadata when the data is loaded (`plan_video`): the frames to decode
+    and the tokens its one <|video_pad|> becomes, all but the frame size, which the processor decides (`grid`).
+    Length (`token_ids(grid(processor))`) and pixels (`pixels(processor)`) come from the same plan."""
+
+    ref: str  # as written in the record, for messages
+    path: Path
+    info: VideoInfo
+    frame_indices: tuple[int, ...]  # a multiple of temporal_patch_size long
+    max_pixels: int | None  # per frame; None: the processor's longest_edge
+    pad_id: int  # <|video_pad|>
+    merge_size: int
+    frame_markers: tuple[int, int]  # <|vision_start|>, <|vision_end|>: around each temporal patch (Qwen3-VL)
+    timestamp_ids: tuple[tuple[int, ...], ...] | None  # Qwen3-VL: "<t seconds>" ids per temporal patch
+    second_per_grid: float | None  # Qwen2.5-VL: second_per_grid_ts
+
+    def grid(self, processor) -> tuple[int, int, int]:
+        """(t, h, w) patch grid of `pixels(processor)`, from metadata."""
+        return _grid(len(self.frame_indices), self.info, processor, self.max_pixels)
+
+    def token_ids(self, grid_thw) -> list[int]:
+        """The ids that replace the one <|video_pad|> of `<|vision_start|><|video_pad|><|vision_end|>` (the chat
+        templates' video part), as the family's processor's `replace_video_token` writes them:
+          Qwen2.5-VL: <|video_pad|> * (t*h*w / merge^2);
+          Qwen3-VL: for each temporal patch, "<{s:.1f} seconds>" <|vision_start|> <|video_pad|> * (h*w / merge^2)
+          <|vision_end|> (nested inside the template's own start/end markers, as transformers writes it).
+        Only <|video_pad|> tokens are visual (mm_token_type_ids 2); the rest is text, and none is a target."""
+        t, h, w = (int(x) for x in grid_thw)
+        if self.timestamp_ids is None:
+            return [self.pad_id] * num_video_tokens((t, h, w), self.merge_size)
+        assert len(self.timestamp_ids) == t, "one timestamp per temporal patch"
+        start, end = self.frame_markers
+        frame = [start] + [self.pad_id] * (h * w // self.merge_size**2) + [end]
+        return [token for stamp in self.timestamp_ids for token in (*stamp, *frame)]
+
+    def pixels(self, processor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values_videos [P, C*tp*p*p], video_grid_thw [1, 3]): the planned frames decoded and processed;
+        BadVideoError if the data is corrupt past the metadata."""
+        frames = load_video_frames(self.path, self.frame_indices)
+        return video_pixels(frames, processor, self.max_pixels)
+
+
+def plan_video(ref: str, path: str | Path, config, tokenizer, settings: VideoConfig) -> VideoClip:
+    """The VideoClip of one video for a Qwen-VL `config`, from its metadata (no frame is decoded). BadVideoError
+    if the file is unusable; ConfigError for sampling settings the model cannot take."""
+    tp = config.vision_config.temporal_patch_size
+    info = video_info(path)
+    indices = sample_frame_indices(info, settings.fps, settings.max_frames, tp)
+    stamps, second_per_grid = None, None
+    if writes_timestamps(config):
+        stamps = tuple(tuple(tokenizer.encode(timestamp_text(seconds), add_special_tokens=False))
+                       for seconds in patch_timestamps(info, indices, tp))
+    else:
+        second_per_grid = seconds_per_temporal_patch(info, indices, tp)
+    return VideoClip(ref, Path(path), info, tuple(indices), settings.max_pixels, config.video_token_id,
+                     config.vision_config.spatial_merge_size,
+                     (config.vision_start_token_id, config.vision_end_token_id), stamps, second_per_grid)
+
+
+def _grid(num_frames: int, info: VideoInfo, processor, max_pixels: int | None) -> tuple[int, int, int]:
+    resized_h, resized_w = _resized_frame_size(info.width, info.height, processor, max_pixels)
+    return (num_frames // processor.temporal_patch_size, resized_h // processor.patch_size,
+            resized_w // processor.patch_size)
 
 
 def _size_limits(processor, max_pixels: int | None) -> dict[str, int]:

@@ -1,29 +1,36 @@
-"""Image conversations -> VisionDoc: tokens with every image placeholder expanded to its exact number of
-visual tokens, the assistant-only loss mask, and the image processor's pixel_values and image_grid_thw.
+"""Image and video conversations -> VisionDoc: tokens with every image and video placeholder expanded to its
+exact tokens, the assistant-only loss mask, and the processor's pixel_values / image_grid_thw and
+pixel_values_videos / video_grid_thw (+ second_per_grid_ts for Qwen2.5-VL).
 
-Two record shapes are read:
-  (a) `messages` (or any format of zeropad.data.formats) whose text holds `<image>` placeholders, with an
-      `images` list of paths relative to the data file (the shape of LLaMA-Factory's mllm_demo.json);
-  (b) OpenAI-style content parts: a message's content is a list of {"type": "text", "text": ...},
-      {"type": "image_url", "image_url": {"url": "path or file://..."}} or {"type": "image", "image": path}.
-Shape (b) is rewritten into shape (a), so one path checks and tokenizes both.
+Records hold `<image>` / `<video>` placeholders with `images` / `videos` path lists, or OpenAI-style content
+parts, mixed freely (zeropad.data.media_parts rewrites both shapes to the first).
 
-Each `<image>` becomes `<|vision_start|><|image_pad|><|vision_end|>` (the token strings of the model config's
-ids) before the chat template renders the conversation, exactly as Qwen-VL chat templates render an image
-part; zeropad.data.chat then tokenizes and masks, and each image's single pad token is expanded afterwards.
-Placeholder tokens are never targets.
+Each `<image>` becomes the model family's image marker (zeropad.model.vlm.VisionFamily) before the chat template
+renders the conversation, exactly as the model's own template renders an image part:
+  Qwen-VL   <|vision_start|><|image_pad|><|vision_end|>
+  Kimi      <|media_begin|>image<|media_content|><|media_pad|><|media_end|>
+(the start / pad / end strings are those of the config's token ids); each `<video>` likewise becomes
+<|vision_start|><|video_pad|><|vision_end|> (Qwen only: Kimi takes no videos yet). zeropad.data.chat then
+tokenizes and masks, and each single pad token is expanded afterwards: an image's to its visual tokens, a
+video's to what its processor writes (zeropad.data.video.VideoClip.token_ids: Qwen3-VL adds timestamp text).
+Marker and timestamp tokens are never targets.
 
-Lengths before packing come from image headers only: PIL's `Image.open` reads the size without decoding
-pixels, and the processor's own resize rule (`smart_resize`) gives the patch grid.
+Lengths before packing come from image headers and video metadata only: PIL's `Image.open` reads the size
+without decoding pixels, and the processor's own resize rule gives the patch grid: Qwen's `smart_resize`, or
+Kimi's `navit_resize` (shrink to a patch budget, pad to whole merged tokens). Kimi's image processor exists only
+as a torchvision processor; its rule is restated here (`_navit_grid`) so counting needs no torchvision, and the
+tests check it against transformers' own function. A video is planned from its container metadata when the
+record is read (`plan_video`: frames, timestamps), and decoded only in `to_vision_doc`.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -32,13 +39,15 @@ from PIL import Image, UnidentifiedImageError
 # The PIL-backend module: the torchvision one (image_processing_qwen2_vl) does not import without torchvision.
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from zeropad.config import VideoConfig
 from zeropad.data.chat import Sample, tokenize_conversation
 from zeropad.data.formats import Text, to_conversation
-from zeropad.data.sources import iter_records, json_type
+from zeropad.data.media_parts import IMAGE_PLACEHOLDER  # noqa: F401  (part of this module's API)
+from zeropad.data.media_parts import PLACEHOLDERS, MediaRefs, resolve, with_placeholders
+from zeropad.data.sources import iter_records
+from zeropad.data.video import BadVideoError, VideoClip, plan_video
 from zeropad.errors import DataError, ZeropadError
-from zeropad.model.vlm import VisionDoc, num_image_tokens
-
-IMAGE_PLACEHOLDER = "<image>"
+from zeropad.model.vlm import VisionDoc, VisionFamily, num_image_tokens, vision_family
 
 
 class BadImageError(ZeropadError):
@@ -47,6 +56,8 @@ class BadImageError(ZeropadError):
 
 def image_grid(width: int, height: int, processor) -> tuple[int, int, int]:
     """(t, h, w) patch grid the processor gives an image of this size (t = 1 for a still image)."""
+    if _uses_navit_resize(processor):
+        return (1, *_navit_grid(height, width, processor))
     factor = processor.patch_size * processor.merge_size
     try:
         resized_h, resized_w = smart_resize(height, width, factor=factor, min_pixels=processor.size["shortest_edge"],
@@ -54,6 +65,26 @@ def image_grid(width: int, height: int, processor) -> tuple[int, int, int]:
     except ValueError as err:  # aspect ratio beyond 200:1
         raise BadImageError(f"{width}x{height}: {err}") from None
     return 1, resized_h // processor.patch_size, resized_w // processor.patch_size
+
+
+def _uses_navit_resize(processor) -> bool:
+    """Kimi's image processor (Kimi_K25ImageProcessor) bounds images by a patch budget, `max_patches`."""
+    return getattr(processor, "max_patches", None) is not None
+
+
+def _navit_grid(height: int, width: int, processor) -> tuple[int, int]:
+    """(h, w) patches of Kimi_K25ImageProcessor: `navit_resize` in transformers/models/kimi_k25/
+    image_processing_kimi_k25.py, restated because that module imports torchvision. The image is shrunk (never
+    enlarged) to at most `max_patches` patches and `size["max_height"]` patches a side, then zero-padded at the
+    bottom and right to whole merge_size x merge_size blocks of patches."""
+    patch, max_side = processor.patch_size, processor.size["max_height"]
+    num_patches = max(1.0, height // patch) * max(1.0, width // patch)
+    scale = min(1.0, math.sqrt(processor.max_patches / num_patches), max_side * patch / height,
+                max_side * patch / width)
+    resized_h = min(max(1, int(height * scale)), max_side * patch)
+    resized_w = min(max(1, int(width * scale)), max_side * patch)
+    factor = patch * processor.merge_size
+    return -(-resized_h // factor) * factor // patch, -(-resized_w // factor) * factor // patch  # ceil to blocks
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -98,84 +129,136 @@ def _open(path: str | Path) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageConversation:
-    """A checked record: text tokens with one pad token per image, and the images' resolved paths."""
+    """A checked record: text tokens with one pad token per image and per video, the images' resolved paths and
+    the videos' plans (made from their metadata)."""
 
-    sample: Sample  # ids with <|vision_start|><|image_pad|><|vision_end|> per image, not yet expanded
+    sample: Sample  # ids with one marker (one pad token) per image and video, not yet expanded; markers not targets
     image_refs: tuple[str, ...]  # as written in the record, for messages
     image_paths: tuple[Path, ...]
+    videos: tuple[VideoClip, ...] = ()
 
 
 def read_image_conversation(record: dict, tokenizer, config, *, file: str, record_no: int, fmt: str = "auto",
-                            train_on_prompt: bool = False) -> ImageConversation:
-    """Check and tokenize a record of shape (a) or (b); DataError names the file, record and what is wrong."""
-    record, refs = _with_placeholders(record, file, record_no)
+                            train_on_prompt: bool = False, video: VideoConfig | None = None) -> ImageConversation:
+    """Check and tokenize a record of shape (a) or (b) and plan its videos from their metadata with `video`'s fps,
+    max_frames and max_pixels (default: VideoConfig()); DataError names the file, record and what is wrong."""
+    record, refs = with_placeholders(record, file, record_no)
     conversation = to_conversation(record, fmt, file, record_no)
     if isinstance(conversation, Text):
-        raise DataError(file, record_no, "a pretraining 'text' record cannot carry images; use messages")
-    num_placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in conversation.messages)
-    if num_placeholders != len(refs):
-        raise DataError(file, record_no, f"{num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the text but "
-                                         f"{len(refs)} image(s) in 'images'; they must match one to one")
-    marker_tokens = tokenizer.convert_ids_to_tokens(
-        [config.vision_start_token_id, config.image_token_id, config.vision_end_token_id])
-    if None in marker_tokens:
-        raise ZeropadError("the tokenizer has no tokens for the model's vision_start/image/vision_end ids; "
-                           "add the vision special tokens to the tokenizer")
-    marker = "".join(marker_tokens)
-    conversation = type(conversation)(tuple(
-        type(m)(m.role, m.content.replace(IMAGE_PLACEHOLDER, marker)) for m in conversation.messages))
-    sample = tokenize_conversation(conversation, tokenizer, train_on_prompt)
-    _check_markers(sample.input_ids, len(refs), config, file, record_no)
-    base = Path(file).parent
-    paths = tuple(_resolve(ref, base) for ref in refs)
-    return ImageConversation(sample, tuple(refs), paths)
+        raise DataError(file, record_no, "a pretraining 'text' record cannot carry images or videos; use messages")
+    family = _family(config)
+    if refs.videos and family.video_token_id is None:
+        raise ZeropadError(f"{file}, record {record_no}: {family.model_type} models take no videos yet; remove "
+                           "the videos or train a Qwen2.5-VL / Qwen3-VL model")
+    sample = _tokenize_with_markers(conversation, refs, tokenizer, family, train_on_prompt, file, record_no)
+    settings = video or VideoConfig()
+    clips = []
+    for i, ref in enumerate(refs.videos):
+        path = resolve(ref, file)
+        with _naming("video", i, refs.videos, path, file, record_no):
+            clips.append(plan_video(ref, path, config, tokenizer, settings))
+    return ImageConversation(sample, refs.images, tuple(resolve(ref, file) for ref in refs.images), tuple(clips))
+
+
+def _tokenize_with_markers(conversation, refs: MediaRefs, tokenizer, family: VisionFamily, train_on_prompt: bool,
+                           file: str, record_no: int) -> Sample:
+    """The conversation tokenized with each placeholder rendered as its marker; no marker token is a target."""
+    num_refs = {"image": len(refs.images), "video": len(refs.videos)}
+    for medium, count in num_refs.items():
+        found = sum(m.content.count(PLACEHOLDERS[medium]) for m in conversation.messages)
+        if found != count:
+            raise DataError(file, record_no, f"{found} {PLACEHOLDERS[medium]} placeholder(s) in the text but "
+                                             f"{count} {medium}(s) in '{medium}s'; they must match one to one")
+    markers = [MediaMarker.of(tokenizer, family, "image")]
+    if refs.videos:
+        markers.append(MediaMarker.of(tokenizer, family, "video"))
+    messages = []
+    for m in conversation.messages:
+        for marker in markers:
+            m = type(m)(m.role, m.content.replace(PLACEHOLDERS[marker.medium], marker.text))
+        messages.append(m)
+    sample = tokenize_conversation(type(conversation)(tuple(messages)), tokenizer, train_on_prompt)
+    if not refs.videos and family.video_token_id is not None:  # a literal <|video_pad|> would pass as a video's
+        _pad_positions(sample.input_ids, family.video_token_id, "video", 0, file, record_no)
+    is_marker = np.zeros(len(sample.input_ids), dtype=bool)
+    for marker in markers:
+        is_marker |= marker.locate(sample.input_ids, num_refs[marker.medium], file, record_no)
+    return Sample(sample.input_ids, sample.loss_mask & ~is_marker)
 
 
 def vision_doc_length(conv: ImageConversation, processor, *, file: str, record_no: int) -> int:
-    """Exact token count of the VisionDoc this conversation becomes, from image headers only."""
+    """Exact token count of the VisionDoc this conversation becomes, from image headers and video metadata only."""
     counts = []
-    for i in range(len(conv.image_paths)):
-        with _naming_image(conv, i, file, record_no) as path:
+    for i, path in enumerate(conv.image_paths):
+        with _naming("image", i, conv.image_refs, path, file, record_no):
             counts.append(visual_token_count(path, processor))
+    for i, clip in enumerate(conv.videos):
+        with _naming("video", i, [c.ref for c in conv.videos], clip.path, file, record_no):
+            counts.append(len(clip.token_ids(clip.grid(processor))))
     return len(conv.sample) - len(counts) + sum(counts)
 
 
 def to_vision_doc(conv: ImageConversation, processor, config, *, file: str, record_no: int) -> VisionDoc:
-    """Decode the images, run the image processor and expand each pad token to its exact visual token count."""
-    _check_processor(processor, config)
-    ids = torch.from_numpy(conv.sample.input_ids.astype(np.int64))
-    mask = torch.from_numpy(conv.sample.loss_mask)
-    placeholder = (ids == config.vision_start_token_id) | (ids == config.image_token_id) | (
-        ids == config.vision_end_token_id)
-    mask = mask & ~placeholder
-    if not conv.image_paths:
-        return VisionDoc(ids, mask)
-    images, grids = [], []
-    for i in range(len(conv.image_paths)):
-        with _naming_image(conv, i, file, record_no) as path:
-            images.append(load_image(path))
-            grids.append(image_grid(*images[-1].size, processor))  # before the processor: names a bad size's image
-    batch = processor(images=images, return_tensors="pt")
-    grid_thw = batch["image_grid_thw"].long()
-    assert grid_thw.tolist() == [list(g) for g in grids], "header-based grids must equal the processor's"
-    repeats = torch.ones_like(ids)
-    repeats[ids == config.image_token_id] = torch.tensor(
-        [num_image_tokens(g, config.vision_config.spatial_merge_size) for g in grid_thw])
-    return VisionDoc(ids.repeat_interleave(repeats), mask.repeat_interleave(repeats), batch["pixel_values"], grid_thw)
+    """Decode the images and videos, run the image processor and expand each pad token to its exact tokens."""
+    family = _family(config)
+    _check_processor(processor, family)
+    media, runs = {}, {}  # VisionDoc's media fields; pad id -> the tokens each of its pads becomes, in order
+    if conv.image_paths:
+        images, grids = [], []
+        for i, path in enumerate(conv.image_paths):
+            with _naming("image", i, conv.image_refs, path, file, record_no):
+                images.append(load_image(path))
+                grids.append(image_grid(*images[-1].size, processor))  # before the processor: names a bad size
+        batch = processor(images=images, return_tensors="pt")
+        grid_thw = batch["image_grid_thw"].long()
+        assert grid_thw.tolist() == [list(g) for g in grids], "header-based grids must equal the processor's"
+        runs[family.image_token_id] = [[family.image_token_id] * family.num_image_tokens(g) for g in grid_thw]
+        media.update(pixel_values=batch["pixel_values"], image_grid_thw=grid_thw)
+    if conv.videos:
+        pixels, grids = [], []
+        for i, clip in enumerate(conv.videos):
+            with _naming("video", i, [c.ref for c in conv.videos], clip.path, file, record_no):
+                clip_pixels, clip_grid = clip.pixels(processor)
+            assert clip_grid[0].tolist() == list(clip.grid(processor)), "metadata grids must equal the decoded ones"
+            pixels.append(clip_pixels)
+            grids.append(clip_grid)
+        runs[family.video_token_id] = [clip.token_ids(g[0]) for clip, g in zip(conv.videos, grids)]
+        media.update(pixel_values_videos=torch.cat(pixels), video_grid_thw=torch.cat(grids))
+        if conv.videos[0].second_per_grid is not None:  # Qwen2.5-VL
+            media["second_per_grid_ts"] = torch.tensor([c.second_per_grid for c in conv.videos], dtype=torch.float32)
+    input_ids, loss_mask = _expand_pads(conv.sample.input_ids.astype(np.int64), conv.sample.loss_mask, runs)
+    return VisionDoc(input_ids, loss_mask, **media)
+
+
+def _expand_pads(ids: np.ndarray, mask: np.ndarray, runs: dict[int, list[list[int]]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and loss mask with the k-th pad of each pad id replaced by runs[pad id][k]; no run token is a target."""
+    queues = {pad: iter(pad_runs) for pad, pad_runs in runs.items()}
+    id_parts, mask_parts, start = [], [], 0
+    for p in np.flatnonzero(np.isin(ids, list(runs))):
+        run = np.asarray(next(queues[int(ids[p])]), dtype=np.int64)
+        id_parts += [ids[start:p], run]
+        mask_parts += [mask[start:p], np.zeros(len(run), dtype=bool)]
+        start = p + 1
+    id_parts.append(ids[start:])
+    mask_parts.append(mask[start:])
+    return torch.from_numpy(np.concatenate(id_parts)), torch.from_numpy(np.concatenate(mask_parts))
 
 
 def record_to_vision_doc(record: dict, tokenizer, processor, config, *, file: str, record_no: int,
-                         fmt: str = "auto", train_on_prompt: bool = False) -> VisionDoc:
+                         fmt: str = "auto", train_on_prompt: bool = False,
+                         video: VideoConfig | None = None) -> VisionDoc:
     """One record straight to a VisionDoc (read_image_conversation, then to_vision_doc)."""
     conv = read_image_conversation(record, tokenizer, config, file=file, record_no=record_no, fmt=fmt,
-                                   train_on_prompt=train_on_prompt)
+                                   train_on_prompt=train_on_prompt, video=video)
     return to_vision_doc(conv, processor, config, file=file, record_no=record_no)
 
 
 def iter_vision_docs(path: str | Path, tokenizer, processor, config, *, fmt: str = "auto",
-                     train_on_prompt: bool = False) -> Iterator[tuple[int, VisionDoc | DataError]]:
+                     train_on_prompt: bool = False, video: VideoConfig | None = None
+                     ) -> Iterator[tuple[int, VisionDoc | DataError]]:
     """(record number, VisionDoc or the DataError saying why that record is unusable) for a data file, so the
-    caller's on_bad_sample policy decides; image paths are relative to the file."""
+    caller's on_bad_sample policy decides; image and video paths are relative to the file."""
     file = str(path)
     for record_no, record in iter_records(path):
         if isinstance(record, DataError):
@@ -183,95 +266,92 @@ def iter_vision_docs(path: str | Path, tokenizer, processor, config, *, fmt: str
             continue
         try:
             yield record_no, record_to_vision_doc(record, tokenizer, processor, config, file=file,
-                                                  record_no=record_no, fmt=fmt, train_on_prompt=train_on_prompt)
+                                                  record_no=record_no, fmt=fmt, train_on_prompt=train_on_prompt,
+                                                  video=video)
         except DataError as err:
             yield record_no, err
 
 
 @contextmanager
-def _naming_image(conv: ImageConversation, i: int, file: str, record_no: int) -> Iterator[Path]:
-    """Image i's path; a BadImageError inside becomes a DataError naming the file, record and image."""
+def _naming(medium: str, i: int, refs, path: Path, file: str, record_no: int) -> Iterator[None]:
+    """A BadImageError / BadVideoError inside becomes a DataError naming the file, record and image or video."""
     try:
-        yield conv.image_paths[i]
-    except BadImageError as err:
-        raise DataError(file, record_no, f"image {i + 1} of {len(conv.image_paths)} ('{conv.image_refs[i]}', "
-                                         f"{conv.image_paths[i]}): {err}") from None
+        yield
+    except (BadImageError, BadVideoError) as err:
+        raise DataError(file, record_no, f"{medium} {i + 1} of {len(refs)} ('{refs[i]}', {path}): {err}") from None
 
 
-def _check_processor(processor, config) -> None:
-    vision = config.vision_config
-    ours = (processor.patch_size, processor.merge_size, processor.temporal_patch_size)
-    model = (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size)
-    if ours != model:
+def _family(config) -> VisionFamily:
+    try:
+        return vision_family(config)
+    except ValueError as err:
+        raise ZeropadError(str(err)) from None
+
+
+def _check_processor(processor, family: VisionFamily) -> None:
+    """The processor makes the model's patches: one check for images and videos (videos go through the same
+    image processor, `video_pixels`, so temporal_patch_size is among the Qwen settings)."""
+    ours = {name: getattr(processor, name, None) for name in family.processor_settings}
+    navit = family.model_type == "kimi_k25"  # Kimi's processor: patch budget, [N, 3, p, p] patches
+    if ours != family.processor_settings or _uses_navit_resize(processor) != navit:
         raise ZeropadError(
-            f"the image processor (patch_size, merge_size, temporal_patch_size = {ours}) does not match the model's "
-            f"vision config ({model}); use the model's preprocessor_config.json")
+            f"the image processor ({type(processor).__name__}, {ours}) does not match the model's vision config "
+            f"({family.model_type}, {family.processor_settings}); use the model's preprocessor_config.json")
 
 
-def _check_markers(ids: np.ndarray, num_images: int, config, file: str, record_no: int) -> None:
-    """Each image must have become exactly <start> <pad> <end>: the tokenizer knows the vision tokens and the
-    text holds none of them literally."""
-    pads = np.flatnonzero(ids == config.image_token_id)
-    if len(pads) != num_images:
-        if num_images and not len(pads):
-            raise ZeropadError(f"the tokenizer does not encode the model's image token (id {config.image_token_id}) "
+def _pad_positions(ids: np.ndarray, pad_id: int, medium: str, num_expected: int, file: str,
+                   record_no: int) -> np.ndarray:
+    """Positions of the pad tokens; DataError if the text holds more or fewer than its placeholders made."""
+    pads = np.flatnonzero(ids == pad_id)
+    if len(pads) != num_expected:
+        raise DataError(file, record_no, f"the text holds {len(pads) - num_expected} literal {medium} token(s) "
+                                         f"besides its {num_expected} {PLACEHOLDERS[medium]} placeholder(s)")
+    return pads
+
+
+@dataclass(frozen=True)
+class MediaMarker:
+    """One image or video as the chat template renders it (`text`), and the token ids around its pad token."""
+
+    medium: str  # "image" or "video"
+    text: str
+    prefix_ids: tuple[int, ...]
+    pad_id: int
+    suffix_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tokenizer, family: VisionFamily, medium: str) -> MediaMarker:
+        """Qwen's templates render a video as an image, with <|video_pad|> for <|image_pad|>."""
+        pad_id = family.image_token_id if medium == "image" else family.video_token_id
+        config_ids = dict(start=family.vision_start_token_id, image=pad_id, end=family.vision_end_token_id)
+        names = dict(zip(config_ids, tokenizer.convert_ids_to_tokens(list(config_ids.values()))))
+        if None in names.values():
+            raise ZeropadError(f"the tokenizer has no tokens for the model's vision_start/{medium}/vision_end ids; "
+                               "add the vision special tokens to the tokenizer")
+        text = family.image_marker.format(**names)
+        unknown = [t for t in re.findall(r"<\|[^<>|]+\|>", text)
+                   if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if unknown:
+            raise ZeropadError(f"the tokenizer has no token for {unknown} of the {medium} marker {text!r}; "
+                               "use the model's tokenizer")
+        before, after = (part.format(**names) for part in family.image_marker.split("{image}"))
+        encode = lambda part: tuple(tokenizer(part, add_special_tokens=False)["input_ids"])  # noqa: E731
+        return cls(medium, text, encode(before), pad_id, encode(after))
+
+    def locate(self, ids: np.ndarray, num_media: int, file: str, record_no: int) -> np.ndarray:
+        """bool [L]: the tokens of the markers of a tokenized conversation with `num_media` images (videos). Each
+        must have become exactly prefix, pad, suffix: the tokenizer knows the marker's tokens and the text holds no
+        literal pad token."""
+        if num_media and not (ids == self.pad_id).any():
+            raise ZeropadError(f"the tokenizer does not encode the model's {self.medium} token (id {self.pad_id}) "
                                "as one token; add the vision special tokens to the tokenizer")
-        raise DataError(file, record_no, f"the text holds {len(pads) - num_images} literal image token(s) "
-                                         f"besides its {num_images} {IMAGE_PLACEHOLDER} placeholder(s)")
-    ok = all(0 < p < len(ids) - 1 and ids[p - 1] == config.vision_start_token_id
-             and ids[p + 1] == config.vision_end_token_id for p in pads)
-    if not ok:
-        raise ZeropadError("the tokenizer does not encode <vision_start><image><vision_end> as the model config's "
-                           "three token ids; check vision_start_token_id / vision_end_token_id")
-
-
-def _resolve(ref: str, base: Path) -> Path:
-    if ref.startswith("file://"):
-        ref = unquote(ref[len("file://"):])
-    path = Path(ref)
-    return path if path.is_absolute() else base / path
-
-
-def _with_placeholders(record: dict, file: str, record_no: int) -> tuple[dict, list[str]]:
-    """The record with content parts (shape b) rewritten as text with <image> placeholders, and its image refs."""
-    images = record.get("images") or []
-    if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-        raise DataError(file, record_no, "field 'images' must be a list of path strings")
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list)
-                                                 for m in messages):
-        return record, list(images)
-    if images:
-        raise DataError(file, record_no, "images given both as content parts and in 'images'; use one of them")
-    rewritten, refs = [], []
-    for i, message in enumerate(messages, start=1):
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            rewritten.append(message)
-            continue
-        texts = []
-        for j, part in enumerate(content, start=1):
-            where = f"messages[{i}].content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind in ("image_url", "image"):
-                refs.append(_part_ref(part, kind, where, file, record_no))
-                texts.append(IMAGE_PLACEHOLDER)
-            else:
-                got = f"type '{kind}'" if isinstance(kind, str) else f"a JSON {json_type(part)}"
-                raise DataError(file, record_no, f"{where} must be a text, image_url or image part, got {got}")
-        rewritten.append({**message, "content": "".join(texts)})
-    return {**record, "messages": rewritten}, refs
-
-
-def _part_ref(part: dict, kind: str, where: str, file: str, record_no: int) -> str:
-    value = part.get(kind)
-    url = value.get("url") if kind == "image_url" and isinstance(value, dict) else value
-    if not isinstance(url, str) or not url:
-        shape = "a path string" + (" or {'url': path}" if kind == "image_url" else "")
-        raise DataError(file, record_no, f"{where} has no image path ('{kind}' must be {shape})")
-    if url.startswith("data:") or ("://" in url and not url.startswith("file://")):
-        raise DataError(file, record_no, f"{where}: only local image files are read (a path or file:// URL), "
-                                         f"got '{url[:40]}'; download remote or inline images first")
-    return url
+        pads = _pad_positions(ids, self.pad_id, self.medium, num_media, file, record_no)
+        before, after = len(self.prefix_ids), len(self.suffix_ids)
+        marked = np.zeros(len(ids), dtype=bool)
+        for p in pads:
+            if (tuple(ids[max(p - before, 0):p]) != self.prefix_ids
+                    or tuple(ids[p + 1:p + 1 + after]) != self.suffix_ids):
+                raise ZeropadError(f"the tokenizer does not encode the {self.medium} marker {self.text!r} as the "
+                                   "model config's tokens; check vision_start_token_id / vision_end_token_id")
+            marked[p - before:p + 1 + after] = True
+        return marked
