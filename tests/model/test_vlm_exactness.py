@@ -44,20 +44,23 @@ def tiny_qwen2_5_vl():
     return Qwen2_5_VLForConditionalGeneration(config).float()
 
 
-def tiny_qwen3_vl():
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def tiny_qwen3_vl(moe: bool = False):
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config = Qwen3VLConfig(
-        text_config=dict(**TEXT_TINY, head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                                         mrope_section=[4, 2, 2],
-                                                                         mrope_interleaved=True)),
+    # Qwen3-VL-MoE: the same vision tower and mRoPE, sparse MLPs (4 experts, 2 per token) in every text layer
+    sparse = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1) if moe else {}
+    config = AutoConfig.for_model(
+        "qwen3_vl_moe" if moe else "qwen3_vl",
+        text_config=dict(**TEXT_TINY, **sparse, head_dim=16,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
+                                              mrope_interleaved=True)),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=8,
                            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                            deepstack_visual_indexes=[0], out_hidden_size=64),
         **SPECIAL,
     )
     torch.manual_seed(0)
-    return Qwen3VLForConditionalGeneration(config).float()
+    return AutoModelForImageTextToText.from_config(config).float()
 
 
 def tiny_kimi_k25():
@@ -85,7 +88,8 @@ def tiny_kimi_k25():
     return Kimi_K25ForConditionalGeneration(config).float()
 
 
-FAMILIES = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "kimi_k25": tiny_kimi_k25}
+FAMILIES = {"qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "qwen3_vl_moe": lambda: tiny_qwen3_vl(moe=True),
+            "kimi_k25": tiny_kimi_k25}
 
 # (t, h, w) patch grids: different sizes and aspect ratios; h, w multiples of spatial_merge_size
 GRIDS = [(1, 4, 6), (1, 8, 6), (1, 2, 2), (1, 6, 10)]
@@ -166,7 +170,10 @@ def make_docs(model, seed=0, source="random") -> list[VisionDoc]:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def model(request):
-    return FAMILIES[request.param]()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy shapes: more threads only contend (see video_model)
+    yield FAMILIES[request.param]()
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("source", ["random", "processor"])

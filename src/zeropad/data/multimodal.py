@@ -31,7 +31,7 @@ from zeropad.data.dataset import BadSamplesError, SamplePolicy, SampleReport, we
 from zeropad.data.sources import iter_records
 from zeropad.data.vision import ImageConversation, read_image_conversation, to_vision_doc, vision_doc_length
 from zeropad.errors import ConfigError, DataError
-from zeropad.model.vlm import MultimodalPack, pack_multimodal
+from zeropad.model.vlm import MultimodalPack, pack_multimodal, vision_family
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,24 @@ class VisionSample:
 def load_image_processor(cfg: Config, model_config: PretrainedConfig):
     """The PIL image processor: from `vision.processor` or the model directory's preprocessor_config.json;
     for a model trained from scratch, built from its vision config. `vision.min/max_pixels` override."""
+    try:
+        family = vision_family(model_config)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
     source = cfg.vision.processor or cfg.model.path
     if source is not None:
         if not (Path(source).expanduser() / "preprocessor_config.json").is_file():
             raise ConfigError(f"vision.processor: no preprocessor_config.json in {source}")
-        processor = AutoImageProcessor.from_pretrained(source, backend="pil",
-                                                       trust_remote_code=cfg.model.trust_remote_code)
+        try:
+            processor = AutoImageProcessor.from_pretrained(source, backend="pil",
+                                                           trust_remote_code=cfg.model.trust_remote_code)
+        except ImportError as err:  # e.g. Kimi's processor exists only for the torchvision backend
+            raise ConfigError(f"vision.processor: the image processor in {source} cannot load here: {err}") from None
+    elif "temporal_patch_size" in family.processor_settings:  # the Qwen-VL processors
+        processor = Qwen2VLImageProcessorPil(**family.processor_settings)
     else:
-        vision = model_config.vision_config
-        processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                                             temporal_patch_size=vision.temporal_patch_size)
+        raise ConfigError(f"vision.processor: a {family.model_type} model from scratch needs a directory with its "
+                          "preprocessor_config.json (its image processor has no PIL backend to build here)")
     if cfg.vision.min_pixels or cfg.vision.max_pixels:
         lower = cfg.vision.min_pixels or processor.size["shortest_edge"]
         upper = cfg.vision.max_pixels or processor.size["longest_edge"]

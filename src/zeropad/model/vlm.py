@@ -85,7 +85,7 @@ def vision_family(config) -> VisionFamily:
         return VisionFamily(config.model_type, **ids, video_token_id=None, merge_size=rows, mrope=False,
                             image_marker="{start}image<|media_content|>{image}{end}", vision_gets_text_kwargs=True,
                             processor_settings=dict(patch_size=vision.patch_size, merge_size=rows))
-    if config.model_type in ("qwen2_5_vl", "qwen3_vl"):
+    if config.model_type in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         merge = vision.spatial_merge_size
         return VisionFamily(config.model_type, **ids, video_token_id=config.video_token_id, merge_size=merge,
                             mrope=True,
@@ -93,7 +93,7 @@ def vision_family(config) -> VisionFamily:
                             processor_settings=dict(patch_size=vision.patch_size, merge_size=merge,
                                                     temporal_patch_size=vision.temporal_patch_size))
     raise ValueError(f"no packed multimodal path for model_type {config.model_type!r} "
-                     "(supported: qwen2_5_vl, qwen3_vl, kimi_k25)")
+                     "(supported: qwen2_5_vl, qwen3_vl, qwen3_vl_moe, kimi_k25)")
 
 
 def packed_attn_implementation(vision: str = "sdpa") -> dict[str, str]:
