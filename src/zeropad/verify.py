@@ -47,7 +47,7 @@ def random_documents(vocab_size: int, doc_lengths: list[int], seed: int = 0) -> 
     ]
 
 
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def parameter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -57,7 +57,7 @@ def packed_forward_backward(model, docs: list[Sample]) -> tuple[torch.Tensor, di
     pack = collate(docs).to(next(model.parameters()).device)
     logits = model(**pack.model_inputs()).logits[0]
     F.cross_entropy(logits.float(), pack.target_ids[0], ignore_index=IGNORE_INDEX, reduction="sum").backward()
-    return logits.detach(), _grads(model)
+    return logits.detach(), parameter_grads(model)
 
 
 def reference_forward_backward(model, docs: list[Sample]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -70,7 +70,7 @@ def reference_forward_backward(model, docs: list[Sample]) -> tuple[torch.Tensor,
         logits = model(input_ids=ids).logits[0]
         F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="sum").backward()
         all_logits.append(logits.detach())
-    return torch.cat(all_logits), _grads(model)
+    return torch.cat(all_logits), parameter_grads(model)
 
 
 def compare_passes(model, reference, packed, packed_attn, doc_lengths: list[int], tolerance: float = TOLERANCE,

@@ -34,7 +34,7 @@ from zeropad.data.chat import Sample
 from zeropad.errors import DataError, ZeropadError
 from zeropad.model.attention import ATTN_NAME
 from zeropad.pack.collate import IGNORE_INDEX, Pack, collate
-from zeropad.verify import TOLERANCE, ExactnessReport, _grads, compare_passes
+from zeropad.verify import TOLERANCE, ExactnessReport, compare_passes, parameter_grads
 
 # The image sentinels ChameleonProcessor inserts around each image when its tokenizer names none.
 BOI_TOKEN, EOI_TOKEN = "<racm3:break>", "<eoss>"
@@ -150,7 +150,7 @@ def packed_forward_backward(model, docs: list[ChameleonDoc]) -> tuple[torch.Tens
     pack = pack_chameleon(docs, model.config).to(next(model.parameters()).device)
     logits = model(**pack.model_inputs()).logits[0]
     F.cross_entropy(logits.float(), pack.text.target_ids[0], ignore_index=IGNORE_INDEX, reduction="sum").backward()
-    return logits.detach(), _grads(model)
+    return logits.detach(), parameter_grads(model)
 
 
 def reference_forward_backward(model, docs: list[ChameleonDoc]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -164,7 +164,7 @@ def reference_forward_backward(model, docs: list[ChameleonDoc]) -> tuple[torch.T
         logits = model(input_ids=alone.input_ids, pixel_values=pixels).logits[0]
         F.cross_entropy(logits.float(), alone.target_ids[0], ignore_index=IGNORE_INDEX, reduction="sum").backward()
         all_logits.append(logits.detach())
-    return torch.cat(all_logits), _grads(model)
+    return torch.cat(all_logits), parameter_grads(model)
 
 
 def check_chameleon_exactness(model, docs: list[ChameleonDoc], tolerance: float = TOLERANCE) -> ExactnessReport:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from zeropad.model.attention import ATTN_NAME
 from zeropad.pack.collate import IGNORE_INDEX, varlen_kwargs, varlen_metadata
-from zeropad.verify import TOLERANCE, ExactnessReport, compare_passes
+from zeropad.verify import TOLERANCE, ExactnessReport, compare_passes, parameter_grads
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values, as transformers' Qwen VL models expect
 
@@ -289,10 +289,6 @@ def _cat_present(tensors) -> torch.Tensor | None:
 # -- exactness: packed (varlen text, per-image vision) == each document alone with eager attention ----------------
 
 
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def packed_forward_backward(model, docs: list[VisionDoc]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits [T, V] of the packed sequence and the gradients of its summed token loss."""
     check_attn_implementation(model)
@@ -300,7 +296,7 @@ def packed_forward_backward(model, docs: list[VisionDoc]) -> tuple[torch.Tensor,
     pack = pack_multimodal(docs, model).to(next(model.parameters()).device)
     logits = model(**pack.model_inputs()).logits[0]
     F.cross_entropy(logits.float(), pack.target_ids[0], ignore_index=IGNORE_INDEX, reduction="sum").backward()
-    return logits.detach(), _grads(model)
+    return logits.detach(), parameter_grads(model)
 
 
 def reference_forward_backward(model, docs: list[VisionDoc]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -319,7 +315,7 @@ def reference_forward_backward(model, docs: list[VisionDoc]) -> tuple[torch.Tens
         targets = document_targets(doc).to(device)
         F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum").backward()
         all_logits.append(logits.detach())
-    return torch.cat(all_logits), _grads(model)
+    return torch.cat(all_logits), parameter_grads(model)
 
 
 def check_multimodal_exactness(model, docs: list[VisionDoc], tolerance: float = TOLERANCE,
