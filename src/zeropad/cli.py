@@ -54,15 +54,21 @@ def pack_stats(
     """Print packing utilization, number of packs and the lower bound ceil(total/budget)."""
     from zeropad.data.chat import ensure_chat_template
     from zeropad.data.dataset import load_samples
-    from zeropad.model.load import load_tokenizer
+    from zeropad.data.multimodal import load_image_processor, load_vision_samples
+    from zeropad.model.load import build_model_config, is_vision_language, load_tokenizer
     from zeropad.pack.planner import pack_stats as compute_stats
     from zeropad.pack.planner import plan_packs
 
     cfg = load_config(config, overrides or [])
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
-    samples, report = load_samples(cfg.data.sources, cfg.data, tokenizer, max_tokens=cfg.pack.max_tokens,
-                                   overlong=cfg.pack.overlong, seed=cfg.train.seed)
+    model_config = build_model_config(cfg.model)
+    if is_vision_language(model_config):  # exact lengths from image headers and video metadata, no pixels
+        processor = load_image_processor(cfg, model_config)
+        samples, report = load_vision_samples(cfg, cfg.data.sources, tokenizer, processor, model_config)
+    else:
+        samples, report = load_samples(cfg.data.sources, cfg.data, tokenizer, max_tokens=cfg.pack.max_tokens,
+                                       overlong=cfg.pack.overlong, seed=cfg.train.seed)
     lengths = [len(s) for s in samples]
     stats = compute_stats(lengths, plan_packs(lengths, cfg.pack.max_tokens), cfg.pack.max_tokens)
     print(f"data: {report.summary()}")

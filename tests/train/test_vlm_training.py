@@ -163,3 +163,17 @@ def test_frozen_vision_tower_stays_bitwise_and_groups_get_their_own_lr(tmp_path,
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][1:]
     assert records[0]["lr_projector"] == pytest.approx(5e-3) and records[0]["lr_language"] == pytest.approx(1e-3)
     assert "lr_vision" not in records[0]
+
+
+def test_pack_stats_reads_image_data(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from zeropad.cli import app
+
+    data = write_images_data(tmp_path, GOOD, {"a.png": (90, 40), "b.png": (30, 70)})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(vlm_run(tmp_path, data)))
+    result = CliRunner().invoke(app, ["pack-stats", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "4 records -> 4 samples, 177 tokens" in result.output
