@@ -56,7 +56,10 @@ def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig, dtype: str, device: 
 
 def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    # A VLM's vision tower gets no gradient from a micro-step whose pack holds no image; DDP must look for
+    # such unused parameters each step or it waits for their gradients forever.
+    vision = getattr(model.config, "vision_config", None) is not None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=vision)
 
 
 def parallelize(model: torch.nn.Module, cfg: ParallelConfig, dtype: str, device: torch.device) -> torch.nn.Module:

@@ -205,6 +205,10 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     check_vocab(model, tokenizer)
     if processor is not None and cfg.model.attn_implementation == ATTN_NAME:
         _check_packed_vlm(base_model)
+    if processor is not None and world > 1 and cfg.parallel.strategy == "fsdp":
+        # A rank whose pack holds no image skips the vision tower, and FSDP's collectives then disagree.
+        raise ConfigError("a vision-language model with parallel.strategy=fsdp is not yet supported (a rank with "
+                          "no image in its pack would skip the vision tower's collectives): use parallel.strategy=ddp")
     collate_fn = collate if processor is None else MultimodalCollator(base_model, processor, cfg.data.on_bad_sample,
                                                                       report)
     eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
