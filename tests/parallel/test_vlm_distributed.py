@@ -13,7 +13,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_distributed import _torchrun  # noqa: E402
-from test_vlm_training import conversation, vlm_run, write_images_data  # noqa: E402
+from test_vlm_training import conversation, write_images_data  # noqa: E402
+from tinyvlm import vlm_run  # noqa: E402
 from tinyrun import step_records  # noqa: E402
 from zeropad.config import build_config  # noqa: E402
 from zeropad.train.loop import train  # noqa: E402
@@ -31,7 +32,7 @@ def _config(root: Path, name: str, grad_accum: int, **parallel) -> dict:
     if not data.is_file():
         write_images_data(root, RECORDS, {"a.png": (90, 40), "b.png": (30, 70)})
     # a budget below two documents: one document per pack, so some packs (and steps) hold no image
-    return vlm_run(root, data, name, pack={"max_tokens": 64}, train={"steps": 3, "grad_accum": grad_accum},
+    return vlm_run(root, data, name=name, pack={"max_tokens": 64}, train={"steps": 3, "grad_accum": grad_accum},
                    memory={"chunked_loss": False}, parallel=parallel)
 
 

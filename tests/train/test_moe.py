@@ -16,12 +16,7 @@ from zeropad.verify import random_documents
 COEF = 0.25  # not the default 0.001, so that the aux part of HF's loss stands well above rounding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_qwen3_vl_moe():
