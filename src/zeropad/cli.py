@@ -27,23 +27,61 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 @app.command(help=_TRAIN_HELP)
-def train(args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [key.sub=value ...]")) -> None:
+def train(
+    args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [key.sub=value ...]"),
+    default: str = typer.Option("text", "--default", help="The built-in run when no CONFIG is given: text "
+                                "(a tiny LM learns 2-digit addition) or vlm (a tiny VLM learns to answer "
+                                "questions about generated images)."),
+) -> None:
     from zeropad.train.loop import train as run_training
 
     path, overrides = _split_args(args or [])
-    if path is None:
-        from zeropad.demo.task import HELDOUT_FILE, default_config, exact_match, load_heldout
+    if path is not None:
+        run_training(load_config(path, overrides))
+    elif default == "text":
+        _default_text(overrides)
+    elif default == "vlm":
+        _default_vlm(overrides)
+    else:
+        raise ZeropadError(f"--default {default!r}: choose text or vlm")
 
-        output_dir = load_config(None, overrides).output_dir
-        cfg = load_config(None, overrides, base=default_config(output_dir))
-        result = run_training(cfg)
-        heldout = load_heldout(Path(cfg.output_dir) / "demo" / HELDOUT_FILE)
-        score = exact_match(result.model, result.tokenizer, heldout)
-        summary_path = Path(cfg.output_dir) / "summary.json"
-        summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "heldout_exact_match": score}))
-        print(f"held-out exact match: {score:.1%} on {len(heldout)} unseen additions (chance is ~1%)")
-        return
-    run_training(load_config(path, overrides))
+
+def _default_text(overrides: list[str]) -> None:
+    from zeropad.demo.task import HELDOUT_FILE, default_config, exact_match, load_heldout
+    from zeropad.train.loop import train as run_training
+
+    output_dir = load_config(None, overrides).output_dir
+    cfg = load_config(None, overrides, base=default_config(output_dir))
+    result = run_training(cfg)
+    heldout = load_heldout(Path(cfg.output_dir) / "demo" / HELDOUT_FILE)
+    score = exact_match(result.model, result.tokenizer, heldout)
+    _add_to_summary(cfg.output_dir, {"heldout_exact_match": score})
+    print(f"held-out exact match: {score:.1%} on {len(heldout)} unseen additions (chance is ~1%)")
+
+
+def _default_vlm(overrides: list[str]) -> None:
+    from zeropad.data.multimodal import load_image_processor
+    from zeropad.demo.vlm_task import HELDOUT_FILE, TRAIN_FILE, answer_accuracy, blind_baseline, default_config, \
+        load_records
+    from zeropad.train.loop import train as run_training
+
+    chosen = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
+    output_dir = load_config(None, overrides).output_dir if chosen else "runs/zeropad-vlm"
+    cfg = load_config(None, overrides, base=default_config(output_dir))
+    result = run_training(cfg)
+    data_dir = Path(cfg.output_dir) / "demo_vlm"
+    heldout = load_records(data_dir / HELDOUT_FILE)
+    processor = load_image_processor(cfg, result.model.config)
+    score = answer_accuracy(result.model, result.tokenizer, processor, heldout, data_dir)
+    chance = blind_baseline(load_records(data_dir / TRAIN_FILE), heldout)
+    _add_to_summary(cfg.output_dir, {"heldout_answer_accuracy": score, "blind_baseline": chance})
+    print(f"held-out answer accuracy: {score:.1%} on {len(heldout)} questions about unseen images "
+          f"(answering without the image: {chance:.1%})")
+
+
+def _add_to_summary(output_dir: str, values: dict) -> None:
+    summary_path = Path(output_dir) / "summary.json"
+    summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), **values}, indent=2))
 
 
 @app.command("pack-stats")

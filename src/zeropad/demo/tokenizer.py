@@ -2,6 +2,9 @@
 
 Byte-level BPE with the 256-byte alphabet and no merges: every ASCII character is exactly one
 token, any other text falls back to its UTF-8 bytes, so every string round-trips exactly.
+
+The vision demo adds Qwen-VL's four vision special tokens after the text ones (`vision=True`), so the
+text demo's token ids (and its 259-row embedding) stay as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"
+IMAGE_PAD_TOKEN = "<|image_pad|>"
+VIDEO_PAD_TOKEN = "<|video_pad|>"
+VISION_TOKENS = (VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN, VIDEO_PAD_TOKEN)
 
 # ChatML, as Qwen uses it, without a default system message.
 CHAT_TEMPLATE = (
@@ -25,21 +33,25 @@ CHAT_TEMPLATE = (
 )
 
 
-def _byte_level_tokenizer() -> Tokenizer:
+def _byte_level_tokenizer(vision: bool) -> Tokenizer:
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: ord(ch))
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     # use_regex=False: no word splitting is needed when nothing merges.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    # Added tokens take the next ids in order: 256.. for the text ones, then the vision ones.
+    tok.add_special_tokens(list(SPECIAL_TOKENS + VISION_TOKENS) if vision else list(SPECIAL_TOKENS))
     return tok
 
 
-def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
-    """Build the demo tokenizer, save it to `out_dir` (AutoTokenizer loads it) and return it."""
+def build_tokenizer(out_dir: str | Path, vision: bool = False) -> PreTrainedTokenizerFast:
+    """Build the demo tokenizer, save it to `out_dir` (AutoTokenizer loads it) and return it.
+
+    vision: also add <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|> (ids 259..262).
+    """
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_byte_level_tokenizer(),
+        tokenizer_object=_byte_level_tokenizer(vision),
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
         model_max_length=4096,
