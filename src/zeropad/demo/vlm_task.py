@@ -1,7 +1,7 @@
 """The built-in vision run (`zeropad train --default vlm`): a tiny Qwen2.5-VL learns to answer questions
 about generated pictures, from scratch, in a few minutes of CPU.
 
-Every picture is one filled shape (circle, square, triangle, diamond) in one of six colours, at a random
+Every picture is one filled shape (circle, square or triangle) in one of six colours, at a random
 position and size, on a light background, at a random size of 56..112 px a side (so images take 16..64
 visual tokens and packs mix sizes). Each picture is asked "What colour is the shape?" and "What shape is
 it?", answered in one word. The questions never change with the picture, so an answer above the blind
@@ -108,8 +108,6 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.rectangle(box, fill=fill)
     elif shape == "triangle":
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif shape == "diamond":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
