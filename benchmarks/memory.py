@@ -43,7 +43,7 @@ import zeropad.model.attention  # noqa: F401  (registers attn_implementation="ze
 from zeropad.config import MemoryConfig
 from zeropad.model.checkpointing import activation_context, apply_checkpointing, saved_activation_bytes
 from zeropad.pack.collate import IGNORE_INDEX, collate
-from zeropad.train.loop import accumulate_gradients
+from zeropad.train.loop import StepSetup, accumulate_gradients
 from zeropad.train.loss import chunked_cross_entropy_sum, lm_loss_sum, token_loss_sum
 from zeropad.verify import random_documents
 
@@ -95,7 +95,7 @@ def bench_policies(tokens: int, repeats: int, device: torch.device, attn: str) -
         saved = saved_activation_bytes(forward, params=model.parameters())
 
         def step():
-            accumulate_gradients(model, [pack], contextlib.nullcontext(), CHUNK_TOKENS, activations)
+            accumulate_gradients(StepSetup(model, loss_chunk_tokens=CHUNK_TOKENS, activations=activations), [pack])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 

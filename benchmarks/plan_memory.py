@@ -27,7 +27,7 @@ from zeropad.model.checkpointing import activation_context, apply_checkpointing,
 from zeropad.pack.collate import collate  # noqa: E402
 from zeropad.plan.arch import arch_of  # noqa: E402
 from zeropad.plan.memory import FRAMEWORK_OVERHEAD, GB, Setup, activations, device_total, plan  # noqa: E402
-from zeropad.train.loop import accumulate_gradients, forward_loss_sum  # noqa: E402
+from zeropad.train.loop import StepSetup, accumulate_gradients, forward_loss_sum  # noqa: E402
 from zeropad.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 POLICIES = ["none", "selective", "every:2", "full"]
@@ -126,7 +126,7 @@ def _measure_step(model, optimizer, scheduler, pack, autocast, context) -> tuple
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        accumulate_gradients(model, [pack], autocast, 4096, context)
+        accumulate_gradients(StepSetup(model, autocast=autocast, loss_chunk_tokens=4096, activations=context), [pack])
         torch.cuda.synchronize()
         forward_backward = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()

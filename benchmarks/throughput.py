@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import contextlib
 import json
 import os
 import platform
@@ -61,7 +60,7 @@ from zeropad.data.chat import ensure_chat_template
 from zeropad.data.dataset import load_samples
 from zeropad.pack.collate import collate
 from zeropad.pack.planner import plan_packs, shuffle_packs
-from zeropad.train.loop import train_step
+from zeropad.train.loop import StepSetup, train_step
 from zeropad.train.optim import build_optimizer as zeropad_optimizer
 from zeropad.train.optim import build_scheduler
 
@@ -231,7 +230,7 @@ class ZeropadStepper(Stepper):
 
     def train_one(self) -> tuple[int, int]:
         pack = collate([self.samples[i] for i in next(self.packs)])
-        train_step(self.model, [pack], self.optimizer, self.scheduler, GRAD_CLIP, contextlib.nullcontext())
+        train_step(StepSetup(self.model, self.optimizer, self.scheduler, grad_clip=GRAD_CLIP), [pack])
         return pack.num_tokens, pack.num_tokens
 
 

@@ -25,7 +25,7 @@ method. The vision tower is small against the language model, as in real VLMs (V
               zeropad_varlen, vision sdpa; one optimizer step per pack: zeropad.train.loop.train_step
               (summed CE / targets, backward, clip, AdamW).
   padded-B    what a stock trainer does: B records per step in a seeded random order, each turned into
-              a VisionDoc by the same code, right-padded to the longest in the batch with an
+              a document by the same code, right-padded to the longest in the batch with an
               attention_mask, labels -100 on pad and prompt, mm_token_type_ids, the batch's images
               concatenated; sdpa for text and vision; the model's own loss (mean over targets).
 
@@ -77,10 +77,11 @@ from zeropad.data.dataset import SampleReport
 from zeropad.data.multimodal import MultimodalCollator, load_image_processor, load_vision_samples
 from zeropad.data.vision import IMAGE_PLACEHOLDER, to_vision_doc
 from zeropad.demo.tokenizer import IMAGE_PAD_TOKEN, VIDEO_PAD_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN
-from zeropad.model.vlm import (VisionDoc, check_attn_implementation, mm_token_type_ids, pack_multimodal,
-                              packed_attn_implementation)
+from zeropad.data.chat import Sample
+from zeropad.model.vlm import check_attn_implementation, mm_token_type_ids, packed_attn_implementation, position_rule
+from zeropad.pack.collate import collate
 from zeropad.pack.planner import pack_stats, plan_packs, shuffle_packs
-from zeropad.train.loop import train_step
+from zeropad.train.loop import StepSetup, train_step
 from zeropad.train.loss import lm_loss_sum
 
 MLLM_DEMO = ALPACA.parent / "mllm_demo.json"
@@ -237,7 +238,8 @@ class ZeropadStepper(VLMStepper):
         plan = shuffle_packs(plan_packs([len(s) for s in samples], args.max_tokens, seed=SEED), SEED)
         self.model = build_model(config, packed_attn_implementation("sdpa"), self.device, state_dict)
         self.optimizer, self.scheduler = build_optimizer(self.model, len(plan))
-        self.collate = MultimodalCollator(self.model, processor, "error", SampleReport())  # "error": never counts
+        self.collate = MultimodalCollator(self.model.config, position_rule(self.model), processor, "error",
+                                          SampleReport())  # "error": never counts
         self.packs = _cycle(plan)
         fill = pack_stats([len(s) for s in samples], plan, args.max_tokens).utilization
         self.meter.result.note = (f"packs of <= {args.max_tokens} real tokens ({len(plan)} packs/epoch, budget fill "
@@ -247,11 +249,12 @@ class ZeropadStepper(VLMStepper):
         check_attn_implementation(self.model)  # text zeropad_varlen, vision a stock backend
         pack = self.collate([self.samples[i] for i in next(self.packs)]).to(self.device)
         tokens = int(pack.input_ids.numel())
-        train_step(self.model, [pack], self.optimizer, self.scheduler, GRAD_CLIP, self.autocast, num_tokens=tokens)
+        train_step(StepSetup(self.model, self.optimizer, self.scheduler, self.autocast, GRAD_CLIP), [pack],
+                   num_tokens=tokens)
         return tokens, tokens
 
 
-def padded_vlm_batch(docs: list[VisionDoc], pad_id: int, config) -> dict[str, torch.Tensor]:
+def padded_vlm_batch(docs: list[Sample], pad_id: int, config) -> dict[str, torch.Tensor]:
     """Right-padded batch with attention_mask, HF labels (the model shifts them), mm_token_type_ids for its
     mRoPE, and the batch's images concatenated in row order."""
     width = max(len(d) for d in docs)
@@ -260,15 +263,16 @@ def padded_vlm_batch(docs: list[VisionDoc], pad_id: int, config) -> dict[str, to
     labels = torch.full((len(docs), width), -100, dtype=torch.long)
     for row, doc in enumerate(docs):
         n = len(doc)
-        input_ids[row, :n] = doc.input_ids
+        ids, mask = torch.as_tensor(doc.input_ids), torch.as_tensor(doc.loss_mask)
+        input_ids[row, :n] = ids
         attention_mask[row, :n] = 1
-        labels[row, :n] = torch.where(doc.loss_mask, doc.input_ids, -100)
+        labels[row, :n] = torch.where(mask, ids, -100)
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                  mm_token_type_ids=mm_token_type_ids(input_ids, config))
-    with_images = [d for d in docs if d.num_images]
+    with_images = [d for d in docs if "image_grid_thw" in d.media]
     if with_images:
-        batch.update(pixel_values=torch.cat([d.pixel_values for d in with_images]),
-                     image_grid_thw=torch.cat([d.image_grid_thw for d in with_images]))
+        batch.update(pixel_values=torch.cat([d.media["pixel_values"] for d in with_images]),
+                     image_grid_thw=torch.cat([d.media["image_grid_thw"] for d in with_images]))
     return batch
 
 
@@ -287,11 +291,11 @@ class PaddedStepper(VLMStepper):
         self.batches = _cycle(self.epoch)
         self.meter.result.note = f"batches of {batch_size} records in random order, padded to the longest, sdpa"
 
-    def docs(self, indices: list[int]) -> list[VisionDoc]:
+    def docs(self, indices: list[int]) -> list[Sample]:
         return [to_vision_doc(s.conversation, self.processor, self.model.config, file=s.file, record_no=s.record_no)
                 for s in (self.samples[i] for i in indices)]
 
-    def batch(self, docs: list[VisionDoc]) -> dict[str, torch.Tensor]:
+    def batch(self, docs: list[Sample]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in padded_vlm_batch(docs, self.pad_id, self.model.config).items()}
 
     def train_one(self) -> tuple[int, int]:
@@ -314,7 +318,7 @@ def check_same_loss(packed: ZeropadStepper, padded: PaddedStepper) -> str:
     docs = padded.docs(padded.epoch[0])
     with padded.autocast:
         padded_loss = padded.model(**padded.batch(docs)).loss.item()
-        pack = pack_multimodal(docs, packed.model).to(packed.device)
+        pack = collate(docs, position_rule(packed.model)).to(packed.device)
         packed_loss = (lm_loss_sum(packed.model, pack.model_inputs(), pack.target_ids[0]) / pack.num_targets).item()
     difference = abs(packed_loss - padded_loss) / abs(padded_loss)
     if difference > (1e-4 if isinstance(packed.autocast, contextlib.nullcontext) else 2e-2):

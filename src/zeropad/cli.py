@@ -93,7 +93,8 @@ def pack_stats(
     from zeropad.data.chat import ensure_chat_template
     from zeropad.data.dataset import load_samples
     from zeropad.data.multimodal import load_image_processor, load_vision_samples
-    from zeropad.model.load import build_model_config, is_vision_language, load_tokenizer
+    from zeropad.family import is_multimodal
+    from zeropad.model.load import build_model_config, load_tokenizer
     from zeropad.pack.planner import pack_stats as compute_stats
     from zeropad.pack.planner import plan_packs
 
@@ -101,7 +102,7 @@ def pack_stats(
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model_config = build_model_config(cfg.model)
-    if is_vision_language(model_config):  # exact lengths from image headers and video metadata, no pixels
+    if is_multimodal(model_config):  # exact lengths from image headers and video metadata, no pixels
         processor = load_image_processor(cfg, model_config)
         samples, report = load_vision_samples(cfg, cfg.data.sources, tokenizer, processor, model_config)
     else:

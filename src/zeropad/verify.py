@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from zeropad.data.chat import Sample
 from zeropad.model.attention import ATTN_NAME
-from zeropad.pack.collate import IGNORE_INDEX, collate
+from zeropad.family import media_family
+from zeropad.model.vlm import packed_attn_implementation, position_rule, unpacked_inputs
+from zeropad.pack.collate import IGNORE_INDEX, PositionRule, collate, shift_targets
 
 TOLERANCE = 1e-5
 
@@ -51,24 +53,27 @@ def parameter_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def packed_forward_backward(model, docs: list[Sample]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits [T, V] of the packed sequence and the gradients of its summed token loss."""
+def packed_forward_backward(model, docs: list[Sample], positions: PositionRule | None = None
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits [T, V] of the one packed sequence and the gradients of its summed token loss."""
     model.zero_grad(set_to_none=True)
-    pack = collate(docs).to(next(model.parameters()).device)
+    pack = collate(docs, positions).to(next(model.parameters()).device)
     logits = model(**pack.model_inputs()).logits[0]
     F.cross_entropy(logits.float(), pack.target_ids[0], ignore_index=IGNORE_INDEX, reduction="sum").backward()
     return logits.detach(), parameter_grads(model)
 
 
 def reference_forward_backward(model, docs: list[Sample]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Each document alone, unpadded, eager attention; gradients summed over documents."""
+    """Each document alone, unpadded, with its own media and the model's own positions and mask; gradients
+    summed over documents."""
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
     all_logits = []
     for doc in docs:
-        ids = torch.from_numpy(doc.input_ids.astype(np.int64))[None].to(device)
-        logits = model(input_ids=ids).logits[0]
-        F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="sum").backward()
+        inputs = {name: t.to(device) for name, t in unpacked_inputs(model, doc).items()}
+        logits = model(**inputs).logits[0]
+        targets = torch.from_numpy(shift_targets(doc)).to(device)
+        F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum").backward()
         all_logits.append(logits.detach())
     return torch.cat(all_logits), parameter_grads(model)
 
@@ -102,8 +107,21 @@ def compare_passes(model, reference, packed, packed_attn, doc_lengths: list[int]
     )
 
 
+def packed_attn(model):
+    """The attention the packed path sets: zeropad_varlen, or per sub-model for a VLM with a vision tower."""
+    family = media_family(model.config)
+    return packed_attn_implementation() if family is not None and family.fixed_image_tokens is None else ATTN_NAME
+
+
+def check_documents(model, docs: list[Sample], tolerance: float = TOLERANCE) -> ExactnessReport:
+    """Packed (the family's attention and position rule) against per-document eager, on the same weights."""
+    attn = packed_attn(model)
+    return compare_passes(model, lambda: reference_forward_backward(model, docs),
+                          lambda: packed_forward_backward(model, docs, position_rule(model)), attn,
+                          [len(d) for d in docs], tolerance, restore_attn=attn)
+
+
 def check_exactness(model, doc_lengths: list[int], seed: int = 0, tolerance: float = TOLERANCE) -> ExactnessReport:
     """Compares packed (zeropad_varlen) against per-document eager on the same weights, in fp32."""
     docs = random_documents(model.config.get_text_config().vocab_size, doc_lengths, seed)
-    return compare_passes(model, lambda: reference_forward_backward(model, docs),
-                          lambda: packed_forward_backward(model, docs), ATTN_NAME, doc_lengths, tolerance)
+    return check_documents(model, docs, tolerance)

@@ -1,4 +1,4 @@
-"""Video records -> VisionDoc: `<video>` placeholders with a `videos` list and video / video_url content parts,
+"""Video records -> documents: `<video>` placeholders with a `videos` list and video / video_url content parts,
 mixed with images; the length known from metadata equals the decoded document's for both Qwen families and
 several sampling settings; markers and timestamps are never targets; real decoded documents pack exactly; bad
 videos and placeholder mismatches name the file, record and video."""
@@ -18,7 +18,9 @@ from zeropad.config import VideoConfig
 from zeropad.data.chat import ensure_chat_template
 from zeropad.data.vision import read_image_conversation, record_to_vision_doc, to_vision_doc, vision_doc_length
 from zeropad.errors import ConfigError, DataError, ZeropadError
-from zeropad.model.vlm import check_multimodal_exactness
+from zeropad.verify import check_documents
+
+from packing import n_images, n_videos, same_doc
 from zeropad.verify import TOLERANCE
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
@@ -83,21 +85,21 @@ def test_metadata_length_equals_decoded_doc(tokenizer, model, media, settings):
     conv = read(MIXED, tokenizer, model, media, video=settings)
     doc = to_vision_doc(conv, processor, config, file=file, record_no=3)
     assert len(doc) == vision_doc_length(conv, processor, file=file, record_no=3)
-    assert doc.num_images == 2 and doc.num_videos == 3
-    assert [tuple(g) for g in doc.video_grid_thw.tolist()] == [clip.grid(processor) for clip in conv.videos]
-    assert doc.video_grid_thw[:, 0].tolist() == [len(c.frame_indices) // 2 for c in conv.videos]
+    assert n_images(doc) == 2 and n_videos(doc) == 3
+    assert [tuple(g) for g in doc.media["video_grid_thw"].tolist()] == [clip.grid(processor) for clip in conv.videos]
+    assert doc.media["video_grid_thw"][:, 0].tolist() == [len(c.frame_indices) // 2 for c in conv.videos]
     assert max(len(c.frame_indices) for c in conv.videos) <= settings.max_frames
-    assert doc.pixel_values_videos.shape[0] == int(doc.video_grid_thw.prod(dim=1).sum())
-    assert int((doc.input_ids == config.video_token_id).sum()) == int(doc.video_grid_thw.prod(dim=1).sum()) // 4
+    assert doc.media["pixel_values_videos"].shape[0] == int(doc.media["video_grid_thw"].prod(dim=1).sum())
+    assert int((doc.input_ids == config.video_token_id).sum()) == int(doc.media["video_grid_thw"].prod(dim=1).sum()) // 4
     text = tokenizer.decode(doc.input_ids, skip_special_tokens=False)
     targets = tokenizer.decode(doc.input_ids[doc.loss_mask])
     assert targets.count("A red ball rolls.") == 2 and "<|vision" not in targets and "seconds>" not in targets
     if config.model_type == "qwen3_vl":  # "<t seconds>" <start> pads <end> per temporal patch, inside <start>..<end>
-        assert doc.second_per_grid_ts is None
-        assert text.count(" seconds><|vision_start|>") == int(doc.video_grid_thw[:, 0].sum())
+        assert "second_per_grid_ts" not in doc.media
+        assert text.count(" seconds><|vision_start|>") == int(doc.media["video_grid_thw"][:, 0].sum())
         assert text.count("<|vision_start|><0.") == 3  # each video's first patch sits right after its start
     else:
-        assert doc.second_per_grid_ts.shape == (3,) and "seconds" not in text
+        assert doc.media["second_per_grid_ts"].shape == (3,) and "seconds" not in text
         assert text.count("<|vision_start|><|video_pad|>") == 3
 
 
@@ -112,7 +114,7 @@ def test_decoded_video_docs_pack_exactly(tokenizer, model, media):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = check_multimodal_exactness(model, docs)
+        report = check_documents(model, docs)
     finally:
         torch.set_num_threads(threads)
         model.eval()
@@ -133,8 +135,7 @@ def test_content_parts_give_the_same_doc(tokenizer, model, media):
     processor, file = processor_for(model), str(media / "data.json")
     doc_a, doc_b = (record_to_vision_doc(r, tokenizer, processor, model.config, file=file, record_no=1)
                     for r in (MIXED, shape_b))
-    for name in ("input_ids", "loss_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        assert torch.equal(getattr(doc_a, name), getattr(doc_b, name)), name
+    assert same_doc(doc_a, doc_b) and {"pixel_values", "pixel_values_videos"} <= doc_a.media.keys()
 
 
 def check_error(record, tokenizer, model, media, *expected, stage="read"):

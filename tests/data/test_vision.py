@@ -1,4 +1,4 @@
-"""Image conversations -> VisionDoc: exact visual token counts from image headers, both record shapes,
+"""Image conversations -> documents: exact visual token counts from image headers, both record shapes,
 assistant-only loss with placeholders never targets, clear errors for bad images, and the real demo data
 packed exactly through a tiny Qwen2.5-VL, Qwen3-VL and Kimi (kimi_k25)."""
 
@@ -33,6 +33,8 @@ from zeropad.data.vision import (
 )
 from zeropad.errors import DataError, ZeropadError
 from zeropad.verify import TOLERANCE
+
+from packing import n_images, pack_docs, same_doc
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 UNIT = 28  # patch 14 x merge 2
@@ -277,9 +279,7 @@ def test_both_record_shapes_give_the_same_doc(tmp_path, vision_tokenizer, model)
     processor = make_processor()
     doc_a = record_to_vision_doc(shape_a, vision_tokenizer, processor, model.config, file=file, record_no=1)
     doc_b = record_to_vision_doc(shape_b, vision_tokenizer, processor, model.config, file=file, record_no=1)
-    assert torch.equal(doc_a.input_ids, doc_b.input_ids) and torch.equal(doc_a.loss_mask, doc_b.loss_mask)
-    assert torch.equal(doc_a.pixel_values, doc_b.pixel_values)
-    assert torch.equal(doc_a.image_grid_thw, doc_b.image_grid_thw)
+    assert same_doc(doc_a, doc_b) and doc_a.media.keys() == {"pixel_values", "image_grid_thw"}
 
 
 def test_placeholders_expand_exactly_and_are_never_targets(tmp_path, vision_tokenizer, model):
@@ -297,15 +297,14 @@ def test_placeholders_expand_exactly_and_are_never_targets(tmp_path, vision_toke
         counts = [visual_token_count(tmp_path / f"{i}.png", processor) for i in range(3)]
         cfg = model.config
         assert int((doc.input_ids == cfg.image_token_id).sum()) == sum(counts)
-        assert int((doc.input_ids == cfg.vision_start_token_id).sum()) == 3 == doc.num_images
+        assert int((doc.input_ids == cfg.vision_start_token_id).sum()) == 3 == n_images(doc)
         assert len(doc) == vision_doc_length(conv, processor, file=file, record_no=3)
-        placeholder = torch.isin(doc.input_ids, torch.tensor([cfg.image_token_id, cfg.vision_start_token_id,
-                                                              cfg.vision_end_token_id]))
+        placeholder = np.isin(doc.input_ids, [cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id])
         assert not (doc.loss_mask & placeholder).any()
         text = vision_tokenizer.decode(doc.input_ids[doc.loss_mask])
         assert text.count("Paris is the capital.") == 2
         assert ("Compare." in text) == train_on_prompt
-        assert doc.pixel_values.shape[0] == int(doc.image_grid_thw.prod(dim=1).sum())
+        assert doc.media["pixel_values"].shape[0] == int(doc.media["image_grid_thw"].prod(dim=1).sum())
 
 
 def check_error(record, tmp_path, tokenizer, model, *expected, processor=None):
@@ -389,7 +388,7 @@ def test_a_file_yields_docs_and_per_record_errors(tmp_path, write_data, vision_t
     ])
     results = list(iter_vision_docs(path, vision_tokenizer, make_processor(), model.config))
     assert [r for r, _ in results] == [1, 2, 3]
-    assert results[0][1].num_images == 1 and results[2][1].num_images == 0
+    assert n_images(results[0][1]) == 1 and n_images(results[2][1]) == 0
     assert isinstance(results[1][1], DataError) and results[1][1].record == 2 and "img/gone.jpg" in str(results[1][1])
 
 
@@ -427,13 +426,13 @@ def test_kimi_record_becomes_a_kimi_doc(tmp_path, kimi_tokenizer, kimi_model):
         text = kimi_tokenizer.decode(doc.input_ids, skip_special_tokens=False)
         for n in counts:
             assert f"<|media_begin|>image<|media_content|>{'<|media_pad|>' * n}<|media_end|>" in text
-        assert text.count("<|media_begin|>") == 3 == doc.num_images
-        assert doc.pixel_values.shape == (int(doc.image_grid_thw.prod(dim=1).sum()), 3, 14, 14)
+        assert text.count("<|media_begin|>") == 3 == n_images(doc)
+        assert doc.media["pixel_values"].shape == (int(doc.media["image_grid_thw"].prod(dim=1).sum()), 3, 14, 14)
         targets = kimi_tokenizer.decode(doc.input_ids[doc.loss_mask])
         assert "<|media" not in targets and "image" not in targets and targets.count("Paris is the capital.") == 2
         assert ("Compare." in targets) == train_on_prompt
     with torch.no_grad():  # the model's own check: as many <|media_pad|> tokens as image features
-        kimi_model(input_ids=doc.input_ids[None], pixel_values=doc.pixel_values, image_grid_thw=doc.image_grid_thw)
+        kimi_model(input_ids=torch.as_tensor(doc.input_ids)[None], **doc.media)
 
 
 def test_kimi_needs_its_processor_and_marker_tokens(tmp_path, kimi_tokenizer, kimi_model, _base_tokenizer, model):
@@ -455,7 +454,7 @@ def test_kimi_needs_its_processor_and_marker_tokens(tmp_path, kimi_tokenizer, ki
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "kimi_k25"])
 def test_real_demo_data_packs_exactly(shared_data, family, request):
-    """All 6 records of mllm_demo.json become VisionDocs whose lengths were known from image headers, and a pack
+    """All 6 records of mllm_demo.json become documents whose lengths were known from image headers, and a pack
     of 3 of them (real JPEGs, several images) equals each document alone through a tiny Qwen2.5-VL, Qwen3-VL and
     Kimi (JPEGs shrunk to 64 patches and padded to whole merged tokens).
 
@@ -463,8 +462,9 @@ def test_real_demo_data_packs_exactly(shared_data, family, request):
     (~370 targets) reach |g| ~ 55, where fp32 summation order alone moves the last few ulps (~2e-5 absolute):
     they are compared relative to the largest gradient (1e-6, ~8 ulps). That no document sees another is
     checked bitwise: changing one document's image leaves every other document's logits identical."""
-    from zeropad.model.vlm import VisionDoc, check_multimodal_exactness, pack_multimodal, packed_attn_implementation
-    from zeropad.model.vlm import reference_forward_backward
+    from zeropad.data.chat import Sample
+    from zeropad.model.vlm import packed_attn_implementation
+    from zeropad.verify import check_documents, reference_forward_backward
 
     tokenizer = request.getfixturevalue("vision_tokenizer")
     if family == "qwen2_5_vl":
@@ -482,11 +482,11 @@ def test_real_demo_data_packs_exactly(shared_data, family, request):
         conv = read_image_conversation(record, tokenizer, model.config, file=str(path), record_no=record_no)
         doc = to_vision_doc(conv, processor, model.config, file=str(path), record_no=record_no)
         assert len(doc) == vision_doc_length(conv, processor, file=str(path), record_no=record_no)
-        assert doc.num_images == len(record["images"]) and doc.loss_mask[1:].any()
+        assert n_images(doc) == len(record["images"]) and doc.loss_mask[1:].any()
         docs.append(doc)
     assert len(docs) == 6
     pack = [docs[0], docs[1], docs[2]]  # 2 + 1 + 1 real images of two sizes, three text lengths
-    report = check_multimodal_exactness(model, pack)
+    report = check_documents(model, pack)
     print(report.summary())
     assert report.max_logit_diff <= TOLERANCE, report.summary()
     model.set_attn_implementation("eager")
@@ -497,11 +497,11 @@ def test_real_demo_data_packs_exactly(shared_data, family, request):
     model.eval()
     model.set_attn_implementation(packed_attn_implementation())
     changed = list(pack)
-    changed[1] = VisionDoc(pack[1].input_ids, pack[1].loss_mask, torch.rand_like(pack[1].pixel_values),
-                           pack[1].image_grid_thw)
+    changed[1] = Sample(pack[1].input_ids, pack[1].loss_mask,
+                        {**pack[1].media, "pixel_values": torch.rand_like(pack[1].media["pixel_values"])})
     with torch.no_grad():
-        before = model(**pack_multimodal(pack, model).model_inputs()).logits[0]
-        after = model(**pack_multimodal(changed, model).model_inputs()).logits[0]
+        before = model(**pack_docs(model, pack).model_inputs()).logits[0]
+        after = model(**pack_docs(model, changed).model_inputs()).logits[0]
     bounds = np.cumsum([0] + [len(d) for d in pack])
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         diff = (before[start:end] - after[start:end]).abs().max().item()

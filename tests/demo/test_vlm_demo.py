@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer,
 
 from zeropad.config import build_config
 from zeropad.data.vision import read_image_conversation, to_vision_doc
+from packing import pack_docs
 from zeropad.demo import vlm_task
 from zeropad.demo.tokenizer import VISION_TOKENS, build_tokenizer
 from zeropad.demo.vlm_task import (
@@ -30,7 +31,7 @@ from zeropad.demo.vlm_task import (
     question_answers,
     write_dataset,
 )
-from zeropad.model.vlm import pack_multimodal, packed_attn_implementation
+from zeropad.model.vlm import packed_attn_implementation
 from zeropad.pack.collate import IGNORE_INDEX
 
 NUM_TRAIN, NUM_HELDOUT = 24, 6
@@ -145,7 +146,7 @@ def test_every_record_becomes_a_vision_doc(dataset, tokenizer, processor, config
     merge = config.vision_config.spatial_merge_size
     visual_counts = set()
     for doc, record in zip(docs, train + heldout):
-        t, h, w = doc.image_grid_thw[0].tolist()
+        t, h, w = doc.media["image_grid_thw"][0].tolist()
         num_visual = int((doc.input_ids == config.image_token_id).sum())
         assert num_visual == t * h * w // merge**2
         visual_counts.add(num_visual)
@@ -160,7 +161,7 @@ def test_a_few_training_steps_lower_the_loss(dataset, tokenizer, processor, conf
     docs = vision_docs(train[:8], out / TRAIN_FILE, tokenizer, processor, config)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config, attn_implementation=packed_attn_implementation())
-    packs = [pack_multimodal(docs[:4], model), pack_multimodal(docs[4:], model)]
+    packs = [pack_docs(model, docs[:4]), pack_docs(model, docs[4:])]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(8):
@@ -185,9 +186,9 @@ class _OracleVL(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.table = {}
         for doc, answer in docs_and_answers:
-            prompt = doc.input_ids[: int(doc.loss_mask.int().argmax())]
+            prompt = doc.input_ids[: int(doc.loss_mask.argmax())]
             reply = ("x" if corrupt else "") + answer
-            key = (tuple(prompt.tolist()), _pixel_key(doc.pixel_values))
+            key = (tuple(prompt.tolist()), _pixel_key(doc.media["pixel_values"]))
             self.table[key] = tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id]
         self.attn_calls = []
 

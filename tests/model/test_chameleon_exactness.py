@@ -8,22 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from zeropad.errors import DataError
+from zeropad.data.chat import Sample
+from zeropad.family import CHAMELEON_BOI as BOI_TOKEN
+from zeropad.family import CHAMELEON_EOI as EOI_TOKEN
+from zeropad.family import chameleon_image_tokens as image_seq_length
 from zeropad.model.attention import ATTN_NAME
-from zeropad.model.chameleon import (
-    BOI_TOKEN,
-    EOI_TOKEN,
-    ChameleonDoc,
-    chameleon_processor,
-    check_chameleon_exactness,
-    document_from_text,
-    image_pixels,
-    image_placeholder,
-    image_seq_length,
-    pack_chameleon,
-    packed_forward_backward,
-)
-from zeropad.verify import TOLERANCE
+from zeropad.model.chameleon import chameleon_processor, document_from_text
+from zeropad.model.vlm import image_placeholder, position_rule
+from zeropad.verify import TOLERANCE, check_documents, packed_forward_backward
+
+from packing import n_images, pack_docs
 
 NUM_WORDS, NUM_CODES = 40, 32
 # Chameleon names VQ code k "IMGIMG<k's digits as letters A-J>Z"; the model finds its codes by that prefix.
@@ -82,7 +76,13 @@ def words(rng, n) -> str:
     return " ".join(f"w{i}" for i in rng.integers(0, NUM_WORDS, n))
 
 
-def make_docs(processor, seed=0) -> list[ChameleonDoc]:
+def image_pixels(image, processor) -> torch.Tensor:
+    """One image file or PIL image -> pixel_values [1, C, R, R] as the model takes them."""
+    image = image if isinstance(image, Image.Image) else Image.open(image)
+    return processor(images=[image], return_tensors="pt")["pixel_values"]
+
+
+def make_docs(processor, seed=0) -> list[Sample]:
     """4 documents: one image, text only, two images, one image; 4 images of different original sizes."""
     rng = np.random.default_rng(seed)
     images = pil_images(IMAGE_SIZES, seed)
@@ -108,14 +108,14 @@ def test_documents_match_the_processor_layout(model, processor, tokenizer, tmp_p
     assert not doc.loss_mask[doc.input_ids == config.image_token_id].any()
     assert doc.loss_mask.sum() == len(doc) - image_seq_length(config)
     image.save(tmp_path / "image.png")
-    assert torch.equal(image_pixels(tmp_path / "image.png", processor.image_processor), doc.pixel_values)
-    assert doc.pixel_values.shape == (1, 3, 32, 32)
+    assert torch.equal(image_pixels(tmp_path / "image.png", processor.image_processor), doc.media["pixel_values"])
+    assert doc.media["pixel_values"].shape == (1, 3, 32, 32)
 
 
 def test_packed_equals_per_document_reference(model, processor):
     docs = make_docs(processor)
-    assert sum(d.num_images for d in docs) == 4 and any(d.num_images == 0 for d in docs)
-    report = check_chameleon_exactness(model, docs)
+    assert sum(n_images(d) for d in docs) == 4 and any(n_images(d) == 0 for d in docs)
+    report = check_documents(model, docs)
     print(report.summary())
     assert report.max_logit_diff <= TOLERANCE, report.summary()
     assert report.max_grad_diff <= TOLERANCE, report.summary()
@@ -126,11 +126,11 @@ def test_gradients_reach_image_codes_not_the_frozen_vq_model(model, processor):
     while the VQ-VAE itself gets none (its codes come from an argmin)."""
     model.set_attn_implementation(ATTN_NAME)
     docs = make_docs(processor)
-    _, grads = packed_forward_backward(model, docs)
+    _, grads = packed_forward_backward(model, docs, position_rule(model))
     model.zero_grad(set_to_none=True)
     assert not [n for n in grads if ".vqmodel." in n]
     assert {n for n, p in model.named_parameters() if ".vqmodel." not in n} == set(grads)
-    pixels = torch.cat([d.pixel_values for d in docs if d.num_images])
+    pixels = torch.cat([d.media["pixel_values"] for d in docs if n_images(d)])
     codes = model.get_image_tokens(pixels).unique()
     embed_grad = grads["model.embed_tokens.weight"]
     assert (embed_grad[codes].abs().sum(dim=1) > 0).all()
@@ -148,15 +148,15 @@ def test_changing_one_document_changes_no_other(model, processor, change):
         first_word = len(SPECIAL_TOKENS)
         text = np.flatnonzero((ids >= first_word) & (ids < first_word + NUM_WORDS))[:3]
         ids[text] = first_word + (ids[text] - first_word + 1) % NUM_WORDS  # three words -> the next word
-        changed[2] = ChameleonDoc(ids, d.loss_mask, d.pixel_values)
+        changed[2] = Sample(ids, d.loss_mask, d.media)
     else:
-        pixels = d.pixel_values.clone()
+        pixels = d.media["pixel_values"].clone()
         pixels[1] = image_pixels(pil_images([(50, 50)], seed=7)[0], processor.image_processor)[0]
-        changed[2] = ChameleonDoc(d.input_ids, d.loss_mask, pixels)
+        changed[2] = Sample(d.input_ids, d.loss_mask, {"pixel_values": pixels})
     with torch.no_grad():
-        before = model(**pack_chameleon(docs, model.config).model_inputs()).logits[0]
-        after = model(**pack_chameleon(changed, model.config).model_inputs()).logits[0]
-    bounds = pack_chameleon(docs, model.config).text.cu_seqlens.tolist()
+        before = model(**pack_docs(model, docs).model_inputs()).logits[0]
+        after = model(**pack_docs(model, changed).model_inputs()).logits[0]
+    bounds = pack_docs(model, docs).cu_seqlens.tolist()
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         diff = (before[start:end] - after[start:end]).abs().max().item()
         if i == 2:
@@ -176,11 +176,11 @@ def test_mismatched_placeholders_are_an_error(model, processor):
     split[placeholders[5]] = split[placeholders[0] - 1]
     split[placeholders[n] - 1] = config.image_token_id
     bad_docs = {
-        "short run": ChameleonDoc(d.input_ids[cut], d.loss_mask[cut], d.pixel_values),
-        "one image missing": ChameleonDoc(d.input_ids, d.loss_mask, d.pixel_values[:1]),
-        "run split in two": ChameleonDoc(split, d.loss_mask, d.pixel_values),
+        "short run": Sample(d.input_ids[cut], d.loss_mask[cut], d.media),
+        "one image missing": Sample(d.input_ids, d.loss_mask, {"pixel_values": d.media["pixel_values"][:1]}),
+        "run split in two": Sample(split, d.loss_mask, d.media),
     }
     for case, bad in bad_docs.items():
-        with pytest.raises(DataError, match=r"pack, record 1: .*placeholder runs .* need \d run\(s\) of 16"):
-            pack_chameleon([docs[1], bad], config)
+        with pytest.raises(ValueError, match=r"placeholder runs .* need \d run\(s\) of 16"):
+            pack_docs(model, [docs[1], bad])
             pytest.fail(f"{case} was packed")

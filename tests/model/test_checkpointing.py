@@ -12,7 +12,7 @@ from zeropad.config import MemoryConfig, build_config
 from zeropad.errors import ConfigError
 from zeropad.model.checkpointing import activation_context, apply_checkpointing, saved_activation_bytes
 from zeropad.pack.collate import collate
-from zeropad.train.loop import accumulate_gradients
+from zeropad.train.loop import StepSetup, accumulate_gradients
 from zeropad.train.loss import lm_loss_sum
 from zeropad.verify import random_documents
 
@@ -33,7 +33,7 @@ def _pack(model):
 
 def _loss_and_grads(model, activations=contextlib.nullcontext()):
     model.zero_grad(set_to_none=True)
-    loss, _ = accumulate_gradients(model, [_pack(model)], contextlib.nullcontext(), None, activations)
+    loss, _ = accumulate_gradients(StepSetup(model, activations=activations), [_pack(model)])
     # the wrapper's name prefix is not part of the parameter's identity
     return loss, {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
 

@@ -8,18 +8,17 @@ import pytest
 import torch
 
 import zeropad.model.attention  # noqa: F401  (registers zeropad_varlen)
+from zeropad.data.chat import Sample
+from zeropad.family import vision_family
 from zeropad.model.vlm import (
-    VisionDoc,
-    mm_token_type_ids,
     check_attn_implementation,
-    check_multimodal_exactness,
     image_placeholder,
-    pack_multimodal,
+    mm_token_type_ids,
     packed_attn_implementation,
-    packed_position_ids,
-    vision_family,
 )
-from zeropad.verify import TOLERANCE
+from zeropad.verify import TOLERANCE, check_documents
+
+from packing import n_images, n_videos, pack_docs
 
 VOCAB = 128
 SPECIAL = dict(image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
@@ -135,7 +134,7 @@ def fake_image(model, grid, generator) -> torch.Tensor:
     return torch.randn(t * h * w, v.in_channels * v.temporal_patch_size * v.patch_size**2, generator=generator)
 
 
-def make_doc(model, text_runs: list[int], grids: list[tuple[int, int, int]], generator, pixels=None) -> VisionDoc:
+def make_doc(model, text_runs: list[int], grids: list[tuple[int, int, int]], generator, pixels=None) -> Sample:
     """text, [image, text]*: len(text_runs) == len(grids) + 1. Image tokens are not targets.
     `pixels`: the images' pixel_values (default: random ones of the layout the model expects)."""
     ids = [torch.randint(0, 100, (text_runs[0],), generator=generator)]
@@ -145,12 +144,12 @@ def make_doc(model, text_runs: list[int], grids: list[tuple[int, int, int]], gen
     input_ids = torch.cat(ids).long()
     loss_mask = input_ids != model.config.image_token_id
     if not grids:
-        return VisionDoc(input_ids, loss_mask)
+        return Sample(input_ids, loss_mask)
     pixels = pixels if pixels is not None else [fake_image(model, grid, generator) for grid in grids]
-    return VisionDoc(input_ids, loss_mask, torch.cat(pixels), torch.tensor(grids, dtype=torch.long))
+    return Sample(input_ids, loss_mask, dict(pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids)))
 
 
-def make_docs(model, seed=0, source="random") -> list[VisionDoc]:
+def make_docs(model, seed=0, source="random") -> list[Sample]:
     """4 documents: one image, text only, two images of different sizes, one image; 4 images in all."""
     g = torch.Generator().manual_seed(seed)
     if source == "random":
@@ -179,9 +178,9 @@ def model(request):
 @pytest.mark.parametrize("source", ["random", "processor"])
 def test_packed_equals_per_document_reference(model, source):
     docs = make_docs(model, source=source)
-    assert sum(d.num_images for d in docs) >= 3 and any(d.num_images == 0 for d in docs)
-    assert len({tuple(g.tolist()) for d in docs if d.num_images for g in d.image_grid_thw}) >= 3
-    report = check_multimodal_exactness(model, docs)
+    assert sum(n_images(d) for d in docs) >= 3 and any(n_images(d) == 0 for d in docs)
+    assert len({tuple(g.tolist()) for d in docs if n_images(d) for g in d.media["image_grid_thw"]}) >= 3
+    report = check_documents(model, docs)
     print(type(model).__name__, report.summary())
     assert report.max_logit_diff <= TOLERANCE, report.summary()
     assert report.max_grad_diff <= TOLERANCE, report.summary()
@@ -191,7 +190,7 @@ def test_positions_restart_per_document(model):
     """Qwen: 3-D mRoPE [3, 1, T]; Kimi: 1-D [1, T], 0..n-1 in every document (its reference, position_ids=None,
     is arange)."""
     docs = make_docs(model)
-    pos = packed_position_ids(model, docs)
+    pos = pack_docs(model, docs).position_ids
     total = sum(len(d) for d in docs)
     start = 0
     if vision_family(model.config).mrope:
@@ -213,13 +212,13 @@ def test_changing_one_image_changes_no_other_document(model):
     changed = list(docs)
     d = docs[2]  # two images: replace the second one's pixels
     g = torch.Generator().manual_seed(99)
-    n_first = int(torch.prod(d.image_grid_thw[0]))
-    pixels = torch.cat([d.pixel_values[:n_first], fake_image(model, GRIDS[2], g)])
-    changed[2] = VisionDoc(d.input_ids, d.loss_mask, pixels, d.image_grid_thw)
+    n_first = int(torch.prod(d.media["image_grid_thw"][0]))
+    pixels = torch.cat([d.media["pixel_values"][:n_first], fake_image(model, GRIDS[2], g)])
+    changed[2] = Sample(d.input_ids, d.loss_mask, {**d.media, "pixel_values": pixels})
     with torch.no_grad():
-        before = model(**pack_multimodal(docs, model).model_inputs()).logits[0]
-        after = model(**pack_multimodal(changed, model).model_inputs()).logits[0]
-    bounds = pack_multimodal(docs, model).cu_seqlens.tolist()
+        before = model(**pack_docs(model, docs).model_inputs()).logits[0]
+        after = model(**pack_docs(model, changed).model_inputs()).logits[0]
+    bounds = pack_docs(model, docs).cu_seqlens.tolist()
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         diff = (before[start:end] - after[start:end]).abs().max().item()
         if i == 2:
@@ -231,9 +230,9 @@ def test_changing_one_image_changes_no_other_document(model):
 def test_mismatched_placeholders_are_an_error(model):
     docs = make_docs(model)
     d = docs[0]
-    bad = VisionDoc(d.input_ids[:-9], d.loss_mask[:-9], d.pixel_values, d.image_grid_thw)  # cuts into the image run
+    bad = Sample(d.input_ids[:-9], d.loss_mask[:-9], d.media)  # cuts into the image run
     with pytest.raises(ValueError, match="image tokens"):
-        pack_multimodal([bad, docs[1]], model)
+        pack_docs(model, [bad, docs[1]])
 
 
 def test_check_catches_text_positions_on_image_documents(model):
@@ -244,7 +243,7 @@ def test_check_catches_text_positions_on_image_documents(model):
     model.eval()
     model.set_attn_implementation(packed_attn_implementation())
     docs = make_docs(model)
-    pack = pack_multimodal(docs, model)
+    pack = pack_docs(model, docs)
     flat = torch.cat([torch.arange(len(d)) for d in docs])[None]
     with torch.no_grad():
         exact = model(**pack.model_inputs()).logits[0]
@@ -252,7 +251,7 @@ def test_check_catches_text_positions_on_image_documents(model):
     bounds = pack.cu_seqlens.tolist()
     for d, start, end in zip(docs, bounds[:-1], bounds[1:]):
         diff = (exact[start:end] - flat_logits[start:end]).abs().max().item()
-        assert diff > 1e-4 if d.num_images else diff <= 1e-6, (d.num_images, diff)
+        assert diff > 1e-4 if n_images(d) else diff <= 1e-6, (n_images(d), diff)
 
 
 def test_check_catches_attention_across_documents(model):
@@ -261,7 +260,7 @@ def test_check_catches_attention_across_documents(model):
     model.eval()
     model.set_attn_implementation(packed_attn_implementation())
     docs = make_docs(model)
-    pack = pack_multimodal(docs, model)
+    pack = pack_docs(model, docs)
     inputs = pack.model_inputs()
     joined = {k: v for k, v in inputs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
     with torch.no_grad():
@@ -292,7 +291,7 @@ def test_text_boundaries_reach_the_vision_tower_only_where_the_family_says(model
     model.set_attn_implementation(packed_attn_implementation("recording_sdpa"))
     try:
         with torch.no_grad():
-            model(**pack_multimodal(make_docs(model), model).model_inputs())
+            model(**pack_docs(model, make_docs(model)).model_inputs())
     finally:
         model.set_attn_implementation(packed_attn_implementation())
     assert seen and ("cu_seq_lens_q" in seen) == family.vision_gets_text_kwargs, sorted(seen)
@@ -329,7 +328,7 @@ def video_tokens(model, grid, generator) -> list[int]:
     return [c.vision_start_token_id] + inner + [c.vision_end_token_id]
 
 
-def make_media_doc(model, parts: list, generator) -> VisionDoc:
+def make_media_doc(model, parts: list, generator) -> Sample:
     """parts: ints (that many random text tokens), ("image", grid) or ("video", grid, second_per_grid). Only
     text tokens are targets (markers, timestamps and visual tokens are not)."""
     ids, is_target, images, videos, seconds = [], [], [], [], []
@@ -352,10 +351,10 @@ def make_media_doc(model, parts: list, generator) -> VisionDoc:
                    video_grid_thw=torch.tensor(videos))
         if model.config.model_type == "qwen2_5_vl":
             doc.update(second_per_grid_ts=torch.tensor(seconds, dtype=torch.float32))
-    return VisionDoc(**doc)
+    return Sample(doc.pop("input_ids"), doc.pop("loss_mask"), doc)
 
 
-def make_video_docs(model, seed=0) -> list[VisionDoc]:
+def make_video_docs(model, seed=0) -> list[Sample]:
     """5 documents: image + video, text only, two videos + image, video alone, image + video + image: 5 videos of
     1-3 temporal patches and 4 sizes, 4 images of 4 sizes, second_per_grid_ts from 0.5 to 2 s."""
     g = torch.Generator().manual_seed(seed)
@@ -380,10 +379,10 @@ def video_model(request):
 
 def test_videos_and_images_packed_equal_per_document_reference(video_model):
     docs = make_video_docs(video_model)
-    assert sum(d.num_videos for d in docs) == 5 and sum(d.num_images for d in docs) == 4
-    assert len({tuple(g.tolist()) for d in docs if d.num_videos for g in d.video_grid_thw}) == 4
-    assert any(d.num_images == d.num_videos == 0 for d in docs)
-    report = check_multimodal_exactness(video_model, docs)
+    assert sum(n_videos(d) for d in docs) == 5 and sum(n_images(d) for d in docs) == 4
+    assert len({tuple(g.tolist()) for d in docs if n_videos(d) for g in d.media["video_grid_thw"]}) == 4
+    assert any(n_images(d) == n_videos(d) == 0 for d in docs)
+    report = check_documents(video_model, docs)
     print(type(video_model).__name__, "with videos:", report.summary())
     assert report.max_logit_diff <= TOLERANCE, report.summary()
     assert report.max_grad_diff <= TOLERANCE, report.summary()
@@ -394,13 +393,12 @@ def test_video_positions_are_the_models_own(video_model):
     depend on what the family reads: Qwen2.5-VL's second_per_grid_ts spacing, Qwen3-VL's per-patch split."""
     model = video_model
     docs = make_video_docs(model)
-    pos = packed_position_ids(model, docs)
+    pos = pack_docs(model, docs).position_ids
     bounds = np.cumsum([0] + [len(d) for d in docs])
     for doc, start, end in zip(docs, bounds[:-1], bounds[1:]):
         ids = doc.input_ids[None]
         types = mm_token_type_ids(ids, model.config)
-        grids = {k: v for k, v in dict(image_grid_thw=doc.image_grid_thw, video_grid_thw=doc.video_grid_thw,
-                                       second_per_grid_ts=doc.second_per_grid_ts).items() if v is not None}
+        grids = {k: v for k, v in doc.media.items() if k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
         expected = model.model.get_rope_index(ids, types, **grids)[0] if grids else None
         if expected is None:
             assert pos[:, 0, start:end].tolist() == [list(range(len(doc)))] * 3
@@ -408,7 +406,7 @@ def test_video_positions_are_the_models_own(video_model):
             assert torch.equal(pos[:, :, start:end], expected)
     video = docs[3]  # one video, 2 temporal patches
     is_video = video.input_ids == model.config.video_token_id
-    temporal = packed_position_ids(model, [video])[0, 0, is_video].view(2, -1)[:, 0]
+    temporal = pack_docs(model, [video]).position_ids[0, 0, is_video].view(2, -1)[:, 0]
     if model.config.model_type == "qwen2_5_vl":  # spaced by tokens_per_second * second_per_grid_ts
         assert (temporal[1] - temporal[0]).item() == int(model.config.vision_config.tokens_per_second * 0.75)
     else:  # the second patch starts after the first patch's block, its <vision_end> and the timestamp text
@@ -422,13 +420,13 @@ def test_changing_one_video_changes_no_other_document(video_model):
     docs = make_video_docs(model)
     changed = list(docs)
     d = docs[2]  # two videos: replace the second one's pixels
-    n_first = int(torch.prod(d.video_grid_thw[0]))
+    n_first = int(torch.prod(d.media["video_grid_thw"][0]))
     g = torch.Generator().manual_seed(99)
-    pixels = torch.cat([d.pixel_values_videos[:n_first], fake_image(model, VIDEO_GRIDS[2], g)])
-    changed[2] = VisionDoc(**{**vars(d), "pixel_values_videos": pixels})
+    pixels = torch.cat([d.media["pixel_values_videos"][:n_first], fake_image(model, VIDEO_GRIDS[2], g)])
+    changed[2] = Sample(d.input_ids, d.loss_mask, {**d.media, "pixel_values_videos": pixels})
     with torch.no_grad():
-        before = model(**pack_multimodal(docs, model).model_inputs()).logits[0]
-        after = model(**pack_multimodal(changed, model).model_inputs()).logits[0]
+        before = model(**pack_docs(model, docs).model_inputs()).logits[0]
+        after = model(**pack_docs(model, changed).model_inputs()).logits[0]
     bounds = np.cumsum([0] + [len(doc) for doc in docs])
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         diff = (before[start:end] - after[start:end]).abs().max().item()
@@ -439,13 +437,13 @@ def test_mismatched_video_tokens_and_mixed_timing_are_errors(video_model):
     model = video_model
     docs = make_video_docs(model)
     d = docs[3]
-    short = VisionDoc(**{**vars(d), "video_grid_thw": torch.tensor([[2, 2, 4]])})  # a grid of twice the tokens
+    short = Sample(d.input_ids, d.loss_mask, {**d.media, "video_grid_thw": torch.tensor([[2, 2, 4]])})  # 2x the tokens
     with pytest.raises(ValueError, match="video tokens but its 1 videos need"):
-        pack_multimodal([short], model)
+        pack_docs(model, [short])
     if model.config.model_type == "qwen2_5_vl":
-        untimed = VisionDoc(**{**vars(d), "second_per_grid_ts": None})
+        untimed = Sample(d.input_ids, d.loss_mask, {k: v for k, v in d.media.items() if k != "second_per_grid_ts"})
         with pytest.raises(ValueError, match="second_per_grid_ts"):
-            pack_multimodal([docs[0], untimed], model)
+            pack_docs(model, [docs[0], untimed])
 
 
 def test_kimi_refuses_videos():
@@ -454,11 +452,12 @@ def test_kimi_refuses_videos():
     doc = make_doc(model, [5, 7], [GRIDS[0]], g)
     c = model.config
     video = [c.vision_start_token_id] + [c.video_token_id] * 6 + [c.vision_end_token_id]
-    with_video = VisionDoc(torch.cat([doc.input_ids, torch.tensor(video)]),
-                           torch.cat([doc.loss_mask, torch.zeros(len(video), dtype=torch.bool)]), doc.pixel_values,
-                           doc.image_grid_thw, torch.randn(24, 3 * 8 * 8), torch.tensor([[1, 4, 6]]))
+    with_video = Sample(torch.cat([doc.input_ids, torch.tensor(video)]),
+                        torch.cat([doc.loss_mask, torch.zeros(len(video), dtype=torch.bool)]),
+                        {**doc.media, "pixel_values_videos": torch.randn(24, 3 * 8 * 8),
+                         "video_grid_thw": torch.tensor([[1, 4, 6]])})
     with pytest.raises(ValueError, match="kimi_k25: the packed path takes no videos"):
-        pack_multimodal([with_video], model)
+        pack_docs(model, [with_video])
 
 
 def test_text_boundaries_do_not_reach_the_video_tower(video_model):
@@ -478,9 +477,9 @@ def test_text_boundaries_do_not_reach_the_video_tower(video_model):
     model.eval()
     model.set_attn_implementation(packed_attn_implementation("recording_sdpa_videos"))
     try:
-        docs = [d for d in make_video_docs(model) if d.num_videos and not d.num_images]  # the video tower only
+        docs = [d for d in make_video_docs(model) if n_videos(d) and not n_images(d)]  # the video tower only
         with torch.no_grad():
-            model(**pack_multimodal(docs, model).model_inputs())
+            model(**pack_docs(model, docs).model_inputs())
     finally:
         model.set_attn_implementation(packed_attn_implementation())
     assert seen and not any("cu_seq_lens_q" in kwargs for kwargs in seen)

@@ -1,7 +1,6 @@
 """The chunked LM-head cross-entropy equals the plain one (logits, then cross-entropy), with masked
 labels, under bf16 autocast, and inside a training step; it never saves the [T, V] logits."""
 
-import contextlib
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from tinymodels import FAMILIES, tiny_model
 from zeropad.model.checkpointing import saved_activation_bytes
 from zeropad.pack.collate import IGNORE_INDEX, collate
-from zeropad.train.loop import accumulate_gradients
+from zeropad.train.loop import StepSetup, accumulate_gradients
 from zeropad.train.loss import chunked_cross_entropy_sum, chunked_loss_unsupported, token_loss_sum
 from zeropad.verify import random_documents
 
@@ -91,7 +90,7 @@ def _step(model, chunk_tokens):
     model.zero_grad(set_to_none=True)
     packs = [collate(random_documents(model.config.vocab_size, lengths, seed=i))
              for i, lengths in enumerate([[37, 5, 60], [21, 44]])]
-    loss, _ = accumulate_gradients(model, packs, contextlib.nullcontext(), chunk_tokens)
+    loss, _ = accumulate_gradients(StepSetup(model, loss_chunk_tokens=chunk_tokens), packs)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

@@ -1,18 +1,17 @@
 """Invariant 5: the same tokens grouped into different packs and micro-steps give the same gradient."""
 
-import contextlib
 
 import torch
 
 from tinymodels import tiny_model
 from zeropad.pack.collate import collate
-from zeropad.train.loop import accumulate_gradients
+from zeropad.train.loop import StepSetup, accumulate_gradients
 from zeropad.verify import random_documents
 
 
 def _grads_and_loss(model, groups):
     model.zero_grad(set_to_none=True)
-    loss, _ = accumulate_gradients(model, [collate(g) for g in groups], contextlib.nullcontext())
+    loss, _ = accumulate_gradients(StepSetup(model), [collate(g) for g in groups])
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 

@@ -12,13 +12,15 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from tinyvideo import write_video
+from packing import n_images, n_videos
 from tinyvlm import vlm_run
 from zeropad.config import build_config
 from zeropad.data.dataset import BadSamplesError
 from zeropad.data.multimodal import load_image_processor
 from zeropad.data.vision import read_image_conversation, to_vision_doc, vision_doc_length
 from zeropad.model.load import build_model, build_model_config
-from zeropad.model.vlm import reference_forward_backward
+from zeropad.pack.collate import IGNORE_INDEX, shift_targets
+from zeropad.verify import reference_forward_backward
 from zeropad.train.loop import train
 
 
@@ -64,15 +66,15 @@ def test_videos_train_and_the_first_loss_equals_the_reference(tmp_path, one_thre
     convs = [read_image_conversation(r, tokenizer, model.config, file=str(data), record_no=i, video=cfg.video)
              for i, r in enumerate(GOOD, 1)]
     docs = [to_vision_doc(c, processor, model.config, file=str(data), record_no=i) for i, c in enumerate(convs, 1)]
-    assert sum(d.num_videos for d in docs) == 2 and sum(d.num_images for d in docs) == 2
+    assert sum(n_videos(d) for d in docs) == 2 and sum(n_images(d) for d in docs) == 2
     assert steps[0]["tokens"] == sum(len(d) for d in docs) == result.report.num_tokens
     # the video settings reached the run: the defaults (2 fps, 32 frames) would have made other lengths
     defaults = [read_image_conversation(r, tokenizer, model.config, file=str(data), record_no=i)
                 for i, r in enumerate(GOOD, 1)]
     assert sum(vision_doc_length(c, processor, file=str(data), record_no=1) for c in defaults) != steps[0]["tokens"]
     logits, _ = reference_forward_backward(model, docs)
-    targets = torch.cat([torch.cat([d.input_ids[1:], d.input_ids[:1]]) for d in docs])
-    masks = torch.cat([torch.cat([d.loss_mask[1:], torch.tensor([False])]) for d in docs])
+    targets = torch.cat([torch.from_numpy(shift_targets(d)) for d in docs])
+    masks = targets != IGNORE_INDEX
     assert steps[0]["target_tokens"] == int(masks.sum())
     expected = torch.nn.functional.cross_entropy(logits[masks], targets[masks]).item()
     assert steps[0]["loss"] == pytest.approx(expected, rel=1e-5)

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from packing import n_images
 from tinyvlm import vlm_run
 from zeropad.config import build_config
 from zeropad.data.dataset import BadSamplesError
 from zeropad.data.multimodal import load_image_processor
 from zeropad.data.vision import read_image_conversation, to_vision_doc
 from zeropad.model.load import build_model, build_model_config
-from zeropad.model.vlm import reference_forward_backward
+from zeropad.pack.collate import IGNORE_INDEX, shift_targets
+from zeropad.verify import reference_forward_backward
 from zeropad.train.loop import train
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -40,11 +42,16 @@ GOOD = [conversation("<image>What colour?", "blue", ["a.png"]),
         conversation("<image>Size?", "tall", ["b.png"])]
 
 
-def test_first_step_loss_equals_per_document_reference(tmp_path, one_thread):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe", "chameleon"])
+def test_first_step_loss_equals_per_document_reference(tmp_path, one_thread, family):
+    """One path for a dense VLM, an MoE VLM (aux loss and expert load logged) and an early-fusion model (images
+    become VQ codes in the text; image tokens are not targets)."""
     data = write_images_data(tmp_path, GOOD, {"a.png": (90, 40), "b.png": (30, 70)})
-    cfg = build_config(vlm_run(tmp_path, data, train={"steps": 1}))
+    cfg = build_config(vlm_run(tmp_path, data, family, train={"steps": 1}))
     train(cfg)
     step1 = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][1]
+    if family == "qwen3_vl_moe":
+        assert step1["aux_loss"] > 0 and step1["expert_load_max"] >= 1.0 and "expert_load_max/layer_1" in step1
 
     # The same fresh model (same seed) and documents, each alone, unpacked, eager attention.
     model_config = build_model_config(cfg.model)
@@ -56,10 +63,12 @@ def test_first_step_loss_equals_per_document_reference(tmp_path, one_thread):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     docs = [to_vision_doc(read_image_conversation(r, tokenizer, model.config, file=str(data), record_no=i),
                           processor, model.config, file=str(data), record_no=i) for i, r in enumerate(GOOD, 1)]
-    assert sum(d.num_images for d in docs) == 4 and step1["tokens"] == sum(len(d) for d in docs)
+    assert sum(n_images(d) for d in docs) == 4 and step1["tokens"] == sum(len(d) for d in docs)
     logits, _ = reference_forward_backward(model, docs)
-    targets = torch.cat([torch.cat([d.input_ids[1:], d.input_ids[:1]]) for d in docs])
-    masks = torch.cat([torch.cat([d.loss_mask[1:], torch.tensor([False])]) for d in docs])
+    targets = torch.cat([torch.from_numpy(shift_targets(d)) for d in docs])
+    masks = targets != IGNORE_INDEX
+    image_token = model.config.image_token_id
+    assert not (targets == image_token).any() and sum(int((d.input_ids == image_token).sum()) for d in docs) > 0
     expected = torch.nn.functional.cross_entropy(logits[masks], targets[masks]).item()
     assert step1["target_tokens"] == int(masks.sum())
     assert step1["loss"] == pytest.approx(expected, rel=1e-5)

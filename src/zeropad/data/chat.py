@@ -11,7 +11,7 @@ tokenizer merges it with the preceding prompt text, and survives byte-level offs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jinja2
 import numpy as np
@@ -39,8 +39,13 @@ class SampleError(ZeropadError):
 
 @dataclass(frozen=True)
 class Sample:
-    input_ids: np.ndarray  # int32 [L]
+    """One document: its tokens (every image already expanded to its tokens), which are targets, its media."""
+
+    input_ids: np.ndarray  # int32/int64 [L]
     loss_mask: np.ndarray  # bool [L]; True where token i is a target, predicted from tokens < i
+    # The document's images and videos as model forward kwargs (pixel_values, image_grid_thw, ...), each
+    # concatenated over the pack's documents along dim 0 in document order; empty for text.
+    media: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)

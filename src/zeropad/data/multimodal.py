@@ -6,7 +6,7 @@ and tokenizes it into a `VisionSample`: the tokens with one pad per image or vid
 document will have once each pad is expanded (from the image header or the video's metadata, sampled with
 `video.fps` / `video.max_frames` / `video.max_pixels`, and the processor's resize rule). The packer plans on
 those lengths; no decoded pixels are kept. `MultimodalCollator` decodes a pack's images and video frames and
-builds the `MultimodalPack` when the pack is trained on, so memory holds one step's pixels at a time. The video
+builds the `Pack` when the pack is trained on, so memory holds one step's pixels at a time. The video
 settings travel with each sample (its `VideoClip`s), so the collator decodes the frames its length counted.
 
 An image or video that passes the header check but is corrupt further in is found at pack time: with
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoImageProcessor, PretrainedConfig
+from transformers import AutoImageProcessor, ChameleonImageProcessorPil, PretrainedConfig
 
 # The PIL backend: the torchvision image processors do not import without torchvision.
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -31,7 +31,8 @@ from zeropad.data.dataset import BadSamplesError, SamplePolicy, SampleReport, we
 from zeropad.data.sources import iter_records
 from zeropad.data.vision import ImageConversation, read_image_conversation, to_vision_doc, vision_doc_length
 from zeropad.errors import ConfigError, DataError
-from zeropad.model.vlm import MultimodalPack, pack_multimodal, vision_family
+from zeropad.family import vision_family
+from zeropad.pack.collate import Pack, PositionRule, collate
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ def load_image_processor(cfg: Config, model_config: PretrainedConfig):
             raise ConfigError(f"vision.processor: the image processor in {source} cannot load here: {err}") from None
     elif "temporal_patch_size" in family.processor_settings:  # the Qwen-VL processors
         processor = Qwen2VLImageProcessorPil(**family.processor_settings)
+    elif family.vq_resolution is not None:  # early fusion: shortest edge to R, then an R x R centre crop
+        side = family.vq_resolution
+        processor = ChameleonImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     else:
         raise ConfigError(f"vision.processor: a {family.model_type} model from scratch needs a directory with its "
                           "preprocessor_config.json (its image processor has no PIL backend to build here)")
@@ -123,19 +127,22 @@ def _measure(record: dict, source, cfg: Config, tokenizer, processor, model_conf
 
 
 class MultimodalCollator:
-    """VisionSamples of one pack -> MultimodalPack: decode the images and frames, run the processor, expand, pack."""
+    """VisionSamples of one pack -> Pack: decode the images and frames, run the processor, expand, pack with the
+    family's position rule (zeropad.model.vlm.position_rule)."""
 
-    def __init__(self, model, processor, on_bad_sample: str, report: SampleReport):
-        self.model, self.processor, self.on_bad_sample, self.report = model, processor, on_bad_sample, report
+    def __init__(self, config: PretrainedConfig, positions: PositionRule, processor, on_bad_sample: str,
+                 report: SampleReport):
+        self.config, self.positions, self.processor = config, positions, processor
+        self.on_bad_sample, self.report = on_bad_sample, report
         self.bad: set[tuple[str, int]] = set()  # (file, record) found corrupt: counted once, skipped every epoch
 
-    def __call__(self, samples: list[VisionSample]) -> MultimodalPack:
+    def __call__(self, samples: list[VisionSample]) -> Pack:
         docs = []
         for sample in samples:
             if (sample.file, sample.record_no) in self.bad:
                 continue
             try:
-                docs.append(to_vision_doc(sample.conversation, self.processor, self.model.config,
+                docs.append(to_vision_doc(sample.conversation, self.processor, self.config,
                                           file=sample.file, record_no=sample.record_no))
             except DataError as err:
                 if self.on_bad_sample == "error":
@@ -145,4 +152,4 @@ class MultimodalCollator:
         if not docs:
             raise DataError(samples[0].file, samples[0].record_no,
                             "every document of this pack has a corrupt image or video")
-        return pack_multimodal(docs, self.model)
+        return collate(docs, self.positions)

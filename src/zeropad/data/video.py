@@ -52,7 +52,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from zeropad.config import VideoConfig
 from zeropad.errors import ConfigError, ZeropadError
-from zeropad.model.vlm import num_image_tokens
+from zeropad.family import num_image_tokens
 
 MIN_FRAMES = 4  # transformers' Qwen2-VL and Qwen3-VL video processors' default min_frames
 

@@ -1,11 +1,11 @@
-"""Image and video conversations -> VisionDoc: tokens with every image and video placeholder expanded to its
+"""Image and video conversations -> one document (a `Sample` with media): tokens with every image and video placeholder expanded to its
 exact tokens, the assistant-only loss mask, and the processor's pixel_values / image_grid_thw and
 pixel_values_videos / video_grid_thw (+ second_per_grid_ts for Qwen2.5-VL).
 
 Records hold `<image>` / `<video>` placeholders with `images` / `videos` path lists, or OpenAI-style content
 parts, mixed freely (zeropad.data.media_parts rewrites both shapes to the first).
 
-Each `<image>` becomes the model family's image marker (zeropad.model.vlm.VisionFamily) before the chat template
+Each `<image>` becomes the model family's image marker (zeropad.family.MediaFamily) before the chat template
 renders the conversation, exactly as the model's own template renders an image part:
   Qwen-VL   <|vision_start|><|image_pad|><|vision_end|>
   Kimi      <|media_begin|>image<|media_content|><|media_pad|><|media_end|>
@@ -47,7 +47,7 @@ from zeropad.data.media_parts import PLACEHOLDERS, MediaRefs, resolve, with_plac
 from zeropad.data.sources import iter_records
 from zeropad.data.video import BadVideoError, VideoClip, plan_video
 from zeropad.errors import DataError, ZeropadError
-from zeropad.model.vlm import VisionDoc, VisionFamily, num_image_tokens, vision_family
+from zeropad.family import MediaFamily, num_image_tokens, vision_family
 
 
 class BadImageError(ZeropadError):
@@ -93,9 +93,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
         return image.size
 
 
-def visual_token_count(image_path: str | Path, processor) -> int:
-    """Visual tokens the image takes in the text, from its header size and the processor's resize rule."""
-    return num_image_tokens(image_grid(*image_size(image_path), processor), processor.merge_size)
+def visual_token_count(image_path: str | Path, processor, fixed: int | None = None) -> int:
+    """Visual tokens the image takes in the text, from its header size and the processor's resize rule (early
+    fusion: `fixed`, the header still read so a bad image is named before training)."""
+    size = image_size(image_path)
+    if fixed is not None:
+        return fixed
+    return num_image_tokens(image_grid(*size, processor), processor.merge_size)
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -136,6 +140,7 @@ class ImageConversation:
     image_refs: tuple[str, ...]  # as written in the record, for messages
     image_paths: tuple[Path, ...]
     videos: tuple[VideoClip, ...] = ()
+    fixed_image_tokens: int | None = None  # early fusion: every image takes this many tokens, whatever its size
 
 
 def read_image_conversation(record: dict, tokenizer, config, *, file: str, record_no: int, fmt: str = "auto",
@@ -157,10 +162,11 @@ def read_image_conversation(record: dict, tokenizer, config, *, file: str, recor
         path = resolve(ref, file)
         with _naming("video", i, refs.videos, path, file, record_no):
             clips.append(plan_video(ref, path, config, tokenizer, settings))
-    return ImageConversation(sample, refs.images, tuple(resolve(ref, file) for ref in refs.images), tuple(clips))
+    return ImageConversation(sample, refs.images, tuple(resolve(ref, file) for ref in refs.images), tuple(clips),
+                             family.fixed_image_tokens)
 
 
-def _tokenize_with_markers(conversation, refs: MediaRefs, tokenizer, family: VisionFamily, train_on_prompt: bool,
+def _tokenize_with_markers(conversation, refs: MediaRefs, tokenizer, family: MediaFamily, train_on_prompt: bool,
                            file: str, record_no: int) -> Sample:
     """The conversation tokenized with each placeholder rendered as its marker; no marker token is a target."""
     num_refs = {"image": len(refs.images), "video": len(refs.videos)}
@@ -187,23 +193,30 @@ def _tokenize_with_markers(conversation, refs: MediaRefs, tokenizer, family: Vis
 
 
 def vision_doc_length(conv: ImageConversation, processor, *, file: str, record_no: int) -> int:
-    """Exact token count of the VisionDoc this conversation becomes, from image headers and video metadata only."""
+    """Exact token count of the document this conversation becomes, from image headers and video metadata only."""
     counts = []
     for i, path in enumerate(conv.image_paths):
         with _naming("image", i, conv.image_refs, path, file, record_no):
-            counts.append(visual_token_count(path, processor))
+            counts.append(visual_token_count(path, processor, conv.fixed_image_tokens))
     for i, clip in enumerate(conv.videos):
         with _naming("video", i, [c.ref for c in conv.videos], clip.path, file, record_no):
             counts.append(len(clip.token_ids(clip.grid(processor))))
     return len(conv.sample) - len(counts) + sum(counts)
 
 
-def to_vision_doc(conv: ImageConversation, processor, config, *, file: str, record_no: int) -> VisionDoc:
+def to_vision_doc(conv: ImageConversation, processor, config, *, file: str, record_no: int) -> Sample:
     """Decode the images and videos, run the image processor and expand each pad token to its exact tokens."""
     family = _family(config)
     _check_processor(processor, family)
-    media, runs = {}, {}  # VisionDoc's media fields; pad id -> the tokens each of its pads becomes, in order
-    if conv.image_paths:
+    media, runs = {}, {}  # the document's media; pad id -> the tokens each of its pads becomes, in order
+    if conv.image_paths and family.fixed_image_tokens is not None:  # early fusion: N VQ codes per image
+        images = []
+        for i, path in enumerate(conv.image_paths):
+            with _naming("image", i, conv.image_refs, path, file, record_no):
+                images.append(load_image(path))
+        media["pixel_values"] = processor(images=images, return_tensors="pt")["pixel_values"]
+        runs[family.image_token_id] = [[family.image_token_id] * family.fixed_image_tokens] * len(images)
+    elif conv.image_paths:
         images, grids = [], []
         for i, path in enumerate(conv.image_paths):
             with _naming("image", i, conv.image_refs, path, file, record_no):
@@ -227,11 +240,11 @@ def to_vision_doc(conv: ImageConversation, processor, config, *, file: str, reco
         if conv.videos[0].second_per_grid is not None:  # Qwen2.5-VL
             media["second_per_grid_ts"] = torch.tensor([c.second_per_grid for c in conv.videos], dtype=torch.float32)
     input_ids, loss_mask = _expand_pads(conv.sample.input_ids.astype(np.int64), conv.sample.loss_mask, runs)
-    return VisionDoc(input_ids, loss_mask, **media)
+    return Sample(input_ids, loss_mask, media)
 
 
 def _expand_pads(ids: np.ndarray, mask: np.ndarray, runs: dict[int, list[list[int]]]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """ids and loss mask with the k-th pad of each pad id replaced by runs[pad id][k]; no run token is a target."""
     queues = {pad: iter(pad_runs) for pad, pad_runs in runs.items()}
     id_parts, mask_parts, start = [], [], 0
@@ -242,13 +255,13 @@ def _expand_pads(ids: np.ndarray, mask: np.ndarray, runs: dict[int, list[list[in
         start = p + 1
     id_parts.append(ids[start:])
     mask_parts.append(mask[start:])
-    return torch.from_numpy(np.concatenate(id_parts)), torch.from_numpy(np.concatenate(mask_parts))
+    return np.concatenate(id_parts), np.concatenate(mask_parts)
 
 
 def record_to_vision_doc(record: dict, tokenizer, processor, config, *, file: str, record_no: int,
                          fmt: str = "auto", train_on_prompt: bool = False,
-                         video: VideoConfig | None = None) -> VisionDoc:
-    """One record straight to a VisionDoc (read_image_conversation, then to_vision_doc)."""
+                         video: VideoConfig | None = None) -> Sample:
+    """One record straight to a document (read_image_conversation, then to_vision_doc)."""
     conv = read_image_conversation(record, tokenizer, config, file=file, record_no=record_no, fmt=fmt,
                                    train_on_prompt=train_on_prompt, video=video)
     return to_vision_doc(conv, processor, config, file=file, record_no=record_no)
@@ -256,8 +269,8 @@ def record_to_vision_doc(record: dict, tokenizer, processor, config, *, file: st
 
 def iter_vision_docs(path: str | Path, tokenizer, processor, config, *, fmt: str = "auto",
                      train_on_prompt: bool = False, video: VideoConfig | None = None
-                     ) -> Iterator[tuple[int, VisionDoc | DataError]]:
-    """(record number, VisionDoc or the DataError saying why that record is unusable) for a data file, so the
+                     ) -> Iterator[tuple[int, Sample | DataError]]:
+    """(record number, document or the DataError saying why that record is unusable) for a data file, so the
     caller's on_bad_sample policy decides; image and video paths are relative to the file."""
     file = str(path)
     for record_no, record in iter_records(path):
@@ -281,16 +294,22 @@ def _naming(medium: str, i: int, refs, path: Path, file: str, record_no: int) ->
         raise DataError(file, record_no, f"{medium} {i + 1} of {len(refs)} ('{refs[i]}', {path}): {err}") from None
 
 
-def _family(config) -> VisionFamily:
+def _family(config) -> MediaFamily:
     try:
         return vision_family(config)
     except ValueError as err:
         raise ZeropadError(str(err)) from None
 
 
-def _check_processor(processor, family: VisionFamily) -> None:
+def _check_processor(processor, family: MediaFamily) -> None:
     """The processor makes the model's patches: one check for images and videos (videos go through the same
     image processor, `video_pixels`, so temporal_patch_size is among the Qwen settings)."""
+    if family.vq_resolution is not None:  # early fusion: every image cropped to the VQ resolution
+        side = family.vq_resolution
+        if getattr(processor, "crop_size", None) != {"height": side, "width": side}:
+            raise ZeropadError(f"the image processor ({type(processor).__name__}) does not crop to the model's VQ "
+                               f"resolution {side}x{side}; use the model's preprocessor_config.json")
+        return
     ours = {name: getattr(processor, name, None) for name in family.processor_settings}
     navit = family.model_type == "kimi_k25"  # Kimi's processor: patch budget, [N, 3, p, p] patches
     if ours != family.processor_settings or _uses_navit_resize(processor) != navit:
@@ -320,7 +339,7 @@ class MediaMarker:
     suffix_ids: tuple[int, ...]
 
     @classmethod
-    def of(cls, tokenizer, family: VisionFamily, medium: str) -> MediaMarker:
+    def of(cls, tokenizer, family: MediaFamily, medium: str) -> MediaMarker:
         """Qwen's templates render a video as an image, with <|video_pad|> for <|image_pad|>."""
         pad_id = family.image_token_id if medium == "image" else family.video_token_id
         config_ids = dict(start=family.vision_start_token_id, image=pad_id, end=family.vision_end_token_id)

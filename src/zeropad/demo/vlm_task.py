@@ -248,7 +248,7 @@ def answer_accuracy(model, tokenizer, processor, heldout_records: list[dict], da
             raise ValueError(f"held-out record {record_no} must be one question and its answer: {record!r}")
         conv = read_image_conversation(record, tokenizer, config, file=file, record_no=record_no)
         doc = to_vision_doc(conv, processor, config, file=file, record_no=record_no)
-        prompt_len = int(doc.loss_mask.int().argmax())  # the first answer token
+        prompt_len = int(doc.loss_mask.argmax())  # the first answer token
         by_length.setdefault(prompt_len, []).append((doc, split_record(record)[1]))
 
     previous = {name: getattr(config, name)._attn_implementation for name in ("text_config", "vision_config")}
@@ -274,13 +274,13 @@ def answer_accuracy(model, tokenizer, processor, heldout_records: list[dict], da
 def _generate(model, docs: list, prompt_len: int, max_new_tokens: int, eos_id: int) -> list[list[int]]:
     """Greedy answers for documents whose prompts are all `prompt_len` tokens long (one image each)."""
     device = next(model.parameters()).device
-    input_ids = torch.stack([doc.input_ids[:prompt_len] for doc in docs]).to(device)
+    input_ids = torch.stack([torch.as_tensor(doc.input_ids[:prompt_len]) for doc in docs]).to(device)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         mm_token_type_ids=mm_token_type_ids(input_ids, model.config),
-        pixel_values=torch.cat([doc.pixel_values for doc in docs]).to(device),
-        image_grid_thw=torch.cat([doc.image_grid_thw for doc in docs]).to(device),
+        pixel_values=torch.cat([doc.media["pixel_values"] for doc in docs]).to(device),
+        image_grid_thw=torch.cat([doc.media["image_grid_thw"] for doc in docs]).to(device),
         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id,
     )
     return output[:, prompt_len:].tolist()

@@ -1,13 +1,16 @@
-"""Samples -> Pack: one flat sequence of documents with per-document positions and targets.
+"""Samples -> the one Pack: one flat sequence of documents with per-document positions and targets.
 
-The packing contract (DESIGN.md invariants 1-2): position_ids restart at 0 in each document,
-targets are shifted inside each document (the last token of a document predicts nothing), and
-`varlen_metadata` is the one function that turns document lengths into cu_seqlens/max_seqlen.
+The packing contract (DESIGN.md invariants 1-2), for text, images, videos and VQ images alike: position_ids
+restart at 0 in each document, targets are shifted inside each document (`shift_targets`, the one place: the last
+token of a document predicts nothing), `varlen_metadata` is the one function that turns document lengths into
+cu_seqlens/max_seqlen, and each document's media tensors are concatenated in document order. What differs per
+model family is only the position rule (`positions`: Qwen's 3-axis mRoPE, from zeropad.model.vlm.position_rule).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +18,9 @@ import torch
 from zeropad.data.chat import Sample
 
 IGNORE_INDEX = -100
+
+# One document -> its positions, [1, n] or [3, 1, n], starting at 0; None means 1-D 0..n-1.
+PositionRule = Callable[[Sample], torch.Tensor]
 
 
 def varlen_metadata(doc_lengths: list[int]) -> tuple[torch.Tensor, int]:
@@ -29,15 +35,24 @@ def varlen_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
     return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
 
 
+def shift_targets(sample: Sample) -> np.ndarray:
+    """int64 [n]: token t predicts token t+1 of the same document where that token is a target."""
+    ids = np.asarray(sample.input_ids).astype(np.int64)
+    targets = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
+    targets[:-1] = np.where(np.asarray(sample.loss_mask)[1:], ids[1:], IGNORE_INDEX)
+    return targets
+
+
 @dataclass
 class Pack:
     input_ids: torch.Tensor  # int64 [1, T]
-    position_ids: torch.Tensor  # int64 [1, T], restarting at 0 per document
+    position_ids: torch.Tensor  # int64 [1, T] or [3, 1, T] (mRoPE), restarting at 0 per document
     target_ids: torch.Tensor  # int64 [1, T]: next token inside the document, or IGNORE_INDEX
     cu_seqlens: torch.Tensor  # int32 [n_docs+1]
     max_seqlen: int
     doc_lengths: list[int]
     num_targets: int
+    media: dict[str, torch.Tensor] = field(default_factory=dict)  # all documents' media, in document order
 
     @property
     def num_tokens(self) -> int:
@@ -46,33 +61,34 @@ class Pack:
     def to(self, device: torch.device | str) -> Pack:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Pack(move(self.input_ids), move(self.position_ids), move(self.target_ids), move(self.cu_seqlens),
-                    self.max_seqlen, self.doc_lengths, self.num_targets)
+                    self.max_seqlen, self.doc_lengths, self.num_targets,
+                    {name: move(t) for name, t in self.media.items()})
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for a Hugging Face causal LM: no attention mask, varlen kwargs instead."""
+        """Keyword arguments for a Hugging Face model's forward: no attention mask, varlen kwargs instead."""
         return dict(input_ids=self.input_ids, position_ids=self.position_ids,
-                    **varlen_kwargs(self.cu_seqlens, self.max_seqlen))
+                    **varlen_kwargs(self.cu_seqlens, self.max_seqlen), **self.media)
 
 
-def collate(samples: list[Sample]) -> Pack:
+def collate(samples: list[Sample], positions: PositionRule | None = None) -> Pack:
     assert samples, "a pack holds at least one document"
     lengths = [len(s) for s in samples]
-    ids = np.concatenate([s.input_ids for s in samples]).astype(np.int64)
-    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
-    targets = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
-    offset = 0
-    for s, n in zip(samples, lengths):
-        # token t predicts token t+1 of the same document, where that token is a training target
-        nxt = s.input_ids[1:].astype(np.int64)
-        targets[offset : offset + n - 1] = np.where(s.loss_mask[1:], nxt, IGNORE_INDEX)
-        offset += n
+    ids = np.concatenate([np.asarray(s.input_ids) for s in samples]).astype(np.int64)
+    targets = np.concatenate([shift_targets(s) for s in samples])
+    if positions is None:
+        position_ids = torch.from_numpy(np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]))[None]
+    else:
+        position_ids = torch.cat([positions(s) for s in samples], dim=-1)
+    names = dict.fromkeys(name for s in samples for name in s.media)  # first-seen order
+    media = {name: torch.cat([s.media[name] for s in samples if name in s.media]) for name in names}
     cu_seqlens, max_seqlen = varlen_metadata(lengths)
     return Pack(
         input_ids=torch.from_numpy(ids)[None],
-        position_ids=torch.from_numpy(positions)[None],
+        position_ids=position_ids,
         target_ids=torch.from_numpy(targets)[None],
         cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen,
         doc_lengths=lengths,
         num_targets=int((targets != IGNORE_INDEX).sum()),
+        media=media,
     )

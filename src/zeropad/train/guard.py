@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import signal
@@ -105,17 +104,18 @@ class RunGuard:
                  f"(epoch {self.position.epoch}, {self.position.index} packs into it)")
         return self.position.step
 
-    def observe(self, record: dict) -> None:
-        """Count the step; mark it in its metrics record when its update was skipped (non-finite)."""
+    def observe(self, record: dict, skipped: bool) -> None:
+        """Count the step; mark it in its metrics record when its update was skipped (loop.StepResult.skipped)."""
         self.position.step = record["step"]
         self.position.tokens_seen += record["tokens"]
-        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+        if not skipped:
             self.consecutive_bad = 0
             return
         self.consecutive_bad += 1
         self.position.bad_steps += 1
         record.update(skipped_bad_step=True, bad_steps=self.position.bad_steps)
-        self.say(f"step {record['step']}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
+        self.say(f"step {record['step']}: non-finite loss {record['loss']}, aux loss {record.get('aux_loss')} or "
+                 f"grad norm {record['grad_norm']}; "
                  f"update skipped ({self.consecutive_bad} in a row, stop at {self.cfg.train.max_bad_steps})")
 
     def end_step(self, step: int) -> None:

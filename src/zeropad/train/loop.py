@@ -7,24 +7,25 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from zeropad.config import Config
-from zeropad.data.chat import Sample, ensure_chat_template
+from zeropad.data.chat import ensure_chat_template
 from zeropad.errors import ConfigError
 from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_samples
 from zeropad.data.multimodal import MultimodalCollator, load_image_processor, load_vision_samples
-from zeropad.model.load import build_model, build_model_config, check_vocab, is_vision_language, load_tokenizer
+from zeropad.family import is_multimodal
+from zeropad.model.load import build_model, build_model_config, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack, collate
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
 from zeropad.model.checkpointing import activation_context, apply_checkpointing, resolve_checkpointing
 from zeropad.model.attention import ATTN_NAME
 from zeropad.model.lora import apply_lora, merged_for_export
-from zeropad.model.vlm import check_attn_implementation
+from zeropad.model.vlm import check_attn_implementation, position_rule
 from zeropad.parallel import distributed
 from zeropad.parallel.sharding import full_state_dict, gradient_sync, loss_scale, parallelize, unwrap
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
@@ -56,36 +57,64 @@ def _autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+@dataclass
+class StepSetup:
+    """What every optimizer step uses besides its packs; built once per run."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    autocast: object = field(default_factory=contextlib.nullcontext)
+    grad_clip: float = 0.0  # 0: measure the norm, clip nothing
+    loss_chunk_tokens: int | None = None  # set: the [T, V] logits are never built (train/loss.py)
+    activations: object = field(default_factory=contextlib.nullcontext)  # checkpointing.activation_context
+    router: RouterStats | None = None  # an MoE model's routers (train/moe.py)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, summed over ranks: token loss, router aux loss, gradient norm."""
+
+    loss: float
+    aux_loss: float
+    grad_norm: float
+
+    @property
+    def skipped(self) -> bool:
+        """The one non-finite check: such an update would poison the weights and Adam's moments, so it is not
+        applied, and the run guard counts it."""
+        return not (math.isfinite(self.loss + self.aux_loss) and math.isfinite(self.grad_norm))
+
+
 def forward_loss_sum(model, pack: Pack, autocast, loss_chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed token loss of one pack; with loss_chunk_tokens the [T, V] logits are never built."""
     with autocast:
         return lm_loss_sum(model, pack.model_inputs(), pack.target_ids[0], loss_chunk_tokens)
 
 
-def accumulate_gradients(model, packs: list[Pack], autocast, loss_chunk_tokens: int | None = None,
-                         activations=contextlib.nullcontext(), num_targets: int | None = None,
-                         router: RouterStats | None = None, num_tokens: int | None = None) -> tuple[float, float]:
+def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int | None = None,
+                         num_tokens: int | None = None) -> tuple[float, float]:
     """Backward over this process's micro-steps of one optimizer step; (token loss, router aux loss).
 
     Each pack's loss sum is divided by the step's total target count (`num_targets`: over all ranks,
     all-reduced; by default this process's packs), so the summed gradient is that of the token mean over
-    the step. An MoE model's aux loss (`router`) is weighted by each pack's share of the step's tokens
-    (`num_tokens`, all ranks), the same normalisation (train/moe.py). Gradients are synchronised across
-    ranks on the last micro-step only. `activations` (checkpointing.activation_context) holds each
-    micro-step's saved tensors."""
+    the step. An MoE model's aux loss is weighted by each pack's share of the step's tokens (`num_tokens`,
+    all ranks), the same normalisation (train/moe.py). Gradients are synchronised across ranks on the last
+    micro-step only."""
+    model, router = setup.model, setup.router
     num_targets = sum(p.num_targets for p in packs) if num_targets is None else num_targets
     num_tokens = sum(p.num_tokens for p in packs) if num_tokens is None else num_tokens
     assert num_targets > 0, "every sample carries at least one target token"
     scale = loss_scale(model)  # DDP averages over ranks; the global mean needs their sum
-    loss_total = torch.zeros((), device=packs[0].input_ids.device)  # read once, after the last micro-step
-    aux_total = torch.zeros((), device=packs[0].input_ids.device)
+    device = packs[0].input_ids.device
+    loss_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)  # read once, at the end
     for i, pack in enumerate(packs):
-        with gradient_sync(model, enabled=i == len(packs) - 1), activations:
-            loss = forward_loss_sum(model, pack, autocast, loss_chunk_tokens) / num_targets
-            aux = router.pack_aux_loss() * (pack.num_tokens / num_tokens) if router else torch.zeros(())
+        with gradient_sync(model, enabled=i == len(packs) - 1), setup.activations:
+            loss = forward_loss_sum(model, pack, setup.autocast, setup.loss_chunk_tokens) / num_targets
+            aux = router.pack_aux_loss() * (pack.num_tokens / num_tokens) if router else torch.zeros((), device=device)
             ((loss + aux) * scale if scale != 1 else loss + aux).backward()
         loss_total += loss.detach()
-        aux_total += aux.detach().to(aux_total.device)
+        aux_total += aux.detach().to(device)
     return loss_total.item(), aux_total.item()
 
 
@@ -94,21 +123,18 @@ def _clip_grad_norm(model, grad_clip: float) -> float:
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: a DTensor
 
 
-def train_step(model, packs: list[Pack], optimizer, scheduler, grad_clip: float, autocast,
-               loss_chunk_tokens: int | None = None, activations=contextlib.nullcontext(),
-               num_targets: int | None = None, router: RouterStats | None = None,
-               num_tokens: int | None = None) -> tuple[float, float, float]:
-    """One optimizer step: (token loss, router aux loss, grad norm), losses summed over ranks."""
-    loss, aux = accumulate_gradients(model, packs, autocast, loss_chunk_tokens, activations, num_targets, router,
-                                     num_tokens)
+def train_step(setup: StepSetup, packs: list[Pack], num_targets: int | None = None,
+               num_tokens: int | None = None) -> StepResult:
+    """One optimizer step over this rank's packs; the update is skipped when anything is non-finite."""
+    loss, aux = accumulate_gradients(setup, packs, num_targets, num_tokens)
     device = packs[0].input_ids.device
     loss, aux = distributed.all_reduce_sum(loss, device), distributed.all_reduce_sum(aux, device)  # shares of the mean
-    grad_norm = _clip_grad_norm(model, grad_clip)
-    if math.isfinite(loss + aux) and math.isfinite(grad_norm):  # else skip: NaN would poison weights and Adam
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, aux, grad_norm
+    result = StepResult(loss, aux, _clip_grad_norm(setup.model, setup.grad_clip))
+    if not result.skipped:
+        setup.optimizer.step()
+        setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return result
 
 
 @torch.no_grad()
@@ -150,14 +176,6 @@ def _prepare_data(cfg: Config, tokenizer, processor=None, model_config=None
     return PackLoader(samples, cfg.pack.max_tokens, cfg.train.seed), eval_samples, report
 
 
-def _check_packed_vlm(model) -> None:
-    """A VLM design zeropad cannot pack, or a vision backend that would break, stops before any step."""
-    try:
-        check_attn_implementation(model)
-    except ValueError as err:
-        raise ConfigError(f"model: {err}") from None
-
-
 def _check_parallel(cfg: Config) -> None:
     """What this slice of multi-process training does not do yet, refused before any work."""
     if distributed.world_size() == 1:
@@ -191,40 +209,26 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     if main:
         (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     _seed_everything(cfg.train.seed)
-    autocast = _autocast(cfg, device)
 
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model_config = build_model_config(cfg.model)
-    processor = load_image_processor(cfg, model_config) if is_vision_language(model_config) else None
+    processor = load_image_processor(cfg, model_config) if is_multimodal(model_config) else None
     loader, eval_samples, report = _prepare_data(cfg, tokenizer, processor, model_config)
-
-    base_model = build_model(cfg.model, seed=cfg.train.seed)
-    model = apply_lora(base_model, cfg.model.lora).to(device)  # in place: base_model moves too
-    groups = apply_freeze(model, cfg.train.freeze)  # before parallelize: DDP/FSDP register trained weights only
-    check_vocab(model, tokenizer)
-    if processor is not None and cfg.model.attn_implementation == ATTN_NAME:
-        _check_packed_vlm(base_model)
-    if processor is not None and world > 1 and cfg.parallel.strategy == "fsdp":
-        # A rank whose pack holds no image skips the vision tower, and FSDP's collectives then disagree.
-        raise ConfigError("a vision-language model with parallel.strategy=fsdp is not yet supported (a rank with "
-                          "no image in its pack would skip the vision tower's collectives): use parallel.strategy=ddp")
-    collate_fn = collate if processor is None else MultimodalCollator(base_model, processor, cfg.data.on_bad_sample,
-                                                                      report)
+    base_model, model, groups = _build_model(cfg, tokenizer, processor, device)
+    collate_fn = collate if processor is None else MultimodalCollator(
+        base_model.config, position_rule(base_model), processor, cfg.data.on_bad_sample, report)
     eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
-    apply_checkpointing(model, resolve_checkpointing(cfg, model))
-    activations = activation_context(cfg.memory, device)
-    model.train()
     flops = FlopCounter(model)
     num_params = sum(p.numel() for p in model.parameters())
     num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    chunked_reason = chunked_loss_unsupported(model)
+    loss_chunk_tokens, chunked_off = _loss_chunking(cfg, model)
     model = parallelize(model, cfg.parallel, cfg.train.dtype, device)  # the last change to the model
-    router = RouterStats.attach(model, cfg.train.router_aux_loss_coef)  # None for a dense model
     optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    peak = peak_tflops(device, cfg.log.peak_tflops)
-    guard = RunGuard(cfg, model, optimizer, scheduler, loader, tokenizer, stop)
+    setup = StepSetup(model, optimizer, build_scheduler(optimizer, cfg.train), _autocast(cfg, device),
+                      cfg.train.grad_clip, loss_chunk_tokens, activation_context(cfg.memory, device),
+                      RouterStats.attach(model, cfg.train.router_aux_loss_coef))
+    guard = RunGuard(cfg, model, optimizer, setup.scheduler, loader, tokenizer, stop)
     start = guard.resume()  # before the logger appends: metrics.jsonl keeps only records up to `start`
     logger = MetricsLogger(output_dir, cfg.log.tensorboard, enabled=main)
     if start == 0:
@@ -236,32 +240,27 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
                    f"{ranks}; data: {report.summary()}")
     if len(groups) > 1:
         progress.write(f"zeropad: parameter groups: {describe_groups(groups)}")
-    loss_chunk_tokens = cfg.memory.loss_chunk_tokens if cfg.memory.chunked_loss else None
-    if loss_chunk_tokens and world > 1:
-        chunked_reason = "not yet supported with parallel.strategy ddp/fsdp (it calls the decoder, not the wrapper)"
-    if loss_chunk_tokens and chunked_reason:
-        progress.write(f"zeropad: memory.chunked_loss is off for this model: {chunked_reason}")
-        loss_chunk_tokens = None
+    if chunked_off:
+        progress.write(f"zeropad: memory.chunked_loss is off for this model: {chunked_off}")
+    peak = peak_tflops(device, cfg.log.peak_tflops)
 
     steps_iter = step_packs(loader, cfg.train.grad_accum, world, rank, collate_fn)
-    loss, eval_loss = math.nan, None
+    result, eval_loss = StepResult(math.nan, math.nan, math.nan), None
     stop.arm()
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         step_data = next(steps_iter)
         packs = [p.to(device) for p in step_data.packs]
         num_targets = int(distributed.all_reduce_sum(sum(p.num_targets for p in packs), device))  # before backward
-        lr, lrs = scheduler.get_last_lr()[0], group_lrs(optimizer)
-        loss, aux_loss, grad_norm = train_step(model, packs, optimizer, scheduler, cfg.train.grad_clip, autocast,
-                                               loss_chunk_tokens, activations, num_targets, router,
-                                               step_data.num_tokens)
+        lr, lrs = setup.scheduler.get_last_lr()[0], group_lrs(optimizer)
+        result = train_step(setup, packs, num_targets, step_data.num_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
 
         tokens = step_data.num_tokens  # all ranks
         record = {
-            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+            "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": tokens,
             "target_tokens": num_targets, "tokens_per_s": tokens / seconds,
             "pad_fraction": 0.0,  # no pad token ever enters the model
             "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * world),
@@ -269,9 +268,9 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         }
         if len(lrs) > 1:
             record.update({f"lr_{group}": value for group, value in lrs.items()})
-        if router is not None:
-            record["aux_loss"] = aux_loss
-            load = router.expert_load()  # a collective under torchrun: every rank calls it
+        if setup.router is not None:
+            record["aux_loss"] = result.aux_loss
+            load = setup.router.expert_load()  # a collective under torchrun: every rank calls it
             if cfg.log.expert_load:
                 record.update(load)
         if world > 1:
@@ -283,23 +282,60 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if eval_set and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device, autocast, loss_chunk_tokens)
-        guard.observe(record)
+            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens)
+        guard.observe(record, result.skipped)
         logger.log(record)
-        progress.update(loss, record["tokens_per_s"], record["pad_fraction"])
+        progress.update(result.loss, record["tokens_per_s"], record["pad_fraction"])
         guard.end_step(step)  # checkpoint when due; on SIGTERM/SIGINT or too many bad steps, also stop
     guard.finish()
     progress.close()
 
     if eval_set and (not cfg.eval.every_steps or cfg.train.steps % cfg.eval.every_steps):
-        eval_loss = evaluate(model, eval_set, device, autocast, loss_chunk_tokens)
+        eval_loss = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens)
         logger.log({"step": cfg.train.steps, "eval_loss": eval_loss})
     logger.close()
+    return _save_final(cfg, model, tokenizer, processor, logger, guard, report, result.loss, eval_loss)
 
+
+def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
+    """(base model, trained model, parameter groups): LoRA, freezing and activation checkpointing applied, the
+    model checked against the tokenizer and the packed path; not yet wrapped for DDP/FSDP."""
+    base_model = build_model(cfg.model, seed=cfg.train.seed)
+    model = apply_lora(base_model, cfg.model.lora).to(device)  # in place: base_model moves too
+    groups = apply_freeze(model, cfg.train.freeze)  # before parallelize: DDP/FSDP register trained weights only
+    check_vocab(model, tokenizer)
+    if processor is not None and cfg.model.attn_implementation == ATTN_NAME:
+        try:  # a VLM design zeropad cannot pack, or a vision backend that would break, stops before any step
+            check_attn_implementation(base_model)
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
+    if processor is not None and distributed.world_size() > 1 and cfg.parallel.strategy == "fsdp":
+        # A rank whose pack holds no image skips the vision tower, and FSDP's collectives then disagree.
+        raise ConfigError("a vision-language model with parallel.strategy=fsdp is not yet supported (a rank with "
+                          "no image in its pack would skip the vision tower's collectives): use parallel.strategy=ddp")
+    apply_checkpointing(model, resolve_checkpointing(cfg, model))
+    model.train()
+    return base_model, model, groups
+
+
+def _loss_chunking(cfg: Config, model) -> tuple[int | None, str | None]:
+    """(memory.loss_chunk_tokens or None, why chunking is off although asked for, or None)."""
+    if not cfg.memory.chunked_loss:
+        return None, None
+    reason = chunked_loss_unsupported(model)
+    if distributed.world_size() > 1:
+        reason = "not yet supported with parallel.strategy ddp/fsdp (it calls the decoder, not the wrapper)"
+    return (None, reason) if reason else (cfg.memory.loss_chunk_tokens, None)
+
+
+def _save_final(cfg: Config, model, tokenizer, processor, logger: MetricsLogger, guard: RunGuard,
+                report: SampleReport, loss: float, eval_loss: float | None) -> TrainResult:
+    """final/ as a plain Hugging Face directory (rank 0 writes it), loss.png and summary.json."""
+    output_dir = Path(cfg.output_dir)
     final_dir = output_dir / "final"
     full_weights = full_state_dict(model)  # FSDP: gathered on every rank (a collective); else None
     model = merged_for_export(unwrap(model))  # LoRA adapters merged in: final/ is a plain Hugging Face model
-    if not main:
+    if not distributed.is_main():
         return TrainResult(model, tokenizer, output_dir, loss, eval_loss, report)
     model.save_pretrained(final_dir, state_dict=full_weights)
     tokenizer.save_pretrained(final_dir)
@@ -307,7 +343,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         processor.save_pretrained(final_dir)  # final/ is a complete VLM directory: it trains and loads again
     plot_losses(logger.path, output_dir / "loss.png")
     summary = {"steps": cfg.train.steps, "final_loss": loss, "eval_loss": eval_loss, "data": report.summary(),
-               "data_counts": report.counts(), "bad_steps": guard.position.bad_steps, "world_size": world}
+               "data_counts": report.counts(), "bad_steps": guard.position.bad_steps,
+               "world_size": distributed.world_size()}
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     eval_text = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
     print(f"done: {cfg.train.steps} steps, final loss {loss:.4f}{eval_text}")

@@ -123,6 +123,8 @@ def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
     The chunked loss applies the output embedding as a plain linear map to the decoder's last
     hidden state; models that transform logits after that map are left to the plain loss."""
     config = model.config.get_text_config()
+    if model.config.model_type == "chameleon":
+        return "the model masks its image-code logits after the LM head (image codes are never predicted)"
     if getattr(config, "final_logit_softcapping", None) is not None:
         return "the model soft-caps its logits (final_logit_softcapping)"
     if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
