@@ -9,7 +9,8 @@ transformers' rule, step by step, and how it is run here:
   - resize: torchvision's `resize` on a uint8 tensor on CPU calls torch's antialiased bicubic `interpolate`
     directly on the uint8 image (its native uint8 path); the same torch call is made here, so pixels are equal bit
     for bit. PIL's own bicubic differs from it by one level of 255 on 0.1-0.6% of the values (measured on the demo
-    JPEGs and generated images), so it is not used;
+    JPEGs and generated images), so it is not used. (transformers' processor processes on CPU unless given a
+    `device`; on CUDA torchvision resizes through float32 instead, which this processor does not follow);
   - rescale and normalize fused as transformers fuses them: (x - mean / rescale_factor) / (std / rescale_factor)
     in float32, the padding included;
   - patches [P, C, p, p] in raster order of the (h, w) patch grid, and image_grid_thw [I, 3] = (1, h, w).
