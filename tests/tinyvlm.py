@@ -1,5 +1,5 @@
 """A tiny multimodal run from scratch (the offline char tokenizer plus the family's image tokens): Qwen2.5-VL,
-Qwen3-VL, Qwen3-VL-MoE or Chameleon, shared by the image, video and distributed training tests."""
+Qwen3-VL, Qwen3-VL-MoE, Kimi-K2.5 or Chameleon, shared by the image, video and distributed training tests."""
 
 from pathlib import Path
 
@@ -10,6 +10,27 @@ from zeropad.family import CHAMELEON_BOI, CHAMELEON_EOI
 # Chameleon names VQ code k "IMGIMG<k's digits as letters A-J>Z"; the model finds its codes by that prefix.
 CHAMELEON_CODES = ["IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(k)) + "Z" for k in range(32)]
 CHAMELEON_TOKENS = ["<image>", CHAMELEON_BOI, CHAMELEON_EOI, *CHAMELEON_CODES]
+KIMI_TOKENS = ["<|media_begin|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>"]
+FAMILY_TOKENS = {"chameleon": CHAMELEON_TOKENS, "kimi_k25": KIMI_TOKENS}
+
+
+def _kimi(tokenizer) -> dict:
+    """MoonViT (14-pixel patches, 2x2 merge), MLP projector, 2-layer DeepSeek-V3 text model (dense, then MoE with
+    4 routed experts, 2 per token, 1 shared; MLA attention)."""
+    ids = dict(zip(KIMI_TOKENS, tokenizer.convert_tokens_to_ids(KIMI_TOKENS)))
+    text = dict(model_type="deepseek_v3", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=12, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    vision = dict(patch_size=14, pos_emb_height=8, pos_emb_width=8, num_attention_heads=2, num_hidden_layers=2,
+                  hidden_size=32, intermediate_size=48, merge_kernel_size=[2, 2],
+                  rope_parameters=dict(rope_type="axial", rope_theta=10000.0))
+    return dict(model_type="kimi_k25", text_config=text, vision_config=vision, projection_hidden_size=32,
+                image_token_id=ids["<|media_pad|>"], vision_start_token_id=ids["<|media_begin|>"],
+                vision_end_token_id=ids["<|media_end|>"], video_token_id=ids["<|media_content|>"],
+                eos_token_id=tokenizer.eos_token_id)
 
 
 def _chameleon(tokenizer) -> dict:
@@ -27,8 +48,7 @@ def vlm_run(root: Path, data_file: Path, family: str = "qwen2_5_vl", name: str =
     """A ~0.2M-parameter model of `family` from scratch with the offline char tokenizer plus its image tokens."""
     tokenizer_dir = root / "tokenizer"
     tokenizer = build_tokenizer(tokenizer_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": CHAMELEON_TOKENS if family == "chameleon"
-                                  else VISION_TOKENS})
+    tokenizer.add_special_tokens({"additional_special_tokens": FAMILY_TOKENS.get(family, VISION_TOKENS)})
     tokenizer.save_pretrained(tokenizer_dir)
     cfg = {
         "model": {"tokenizer": str(tokenizer_dir)},
@@ -40,6 +60,9 @@ def vlm_run(root: Path, data_file: Path, family: str = "qwen2_5_vl", name: str =
     }
     if family == "chameleon":
         cfg["model"]["config"] = _chameleon(tokenizer)
+    elif family == "kimi_k25":
+        cfg["model"]["config"] = _kimi(tokenizer)
+        cfg["vision"] = {"max_pixels": 14 * 14 * 64}  # <= 64 patches, 16 visual tokens per image
     else:
         cfg["model"]["config"], unit = _qwen_vl(family, tokenizer)
         cfg["vision"] = {"min_pixels": unit * unit, "max_pixels": unit * unit * 16}  # <= 16 visual tokens per image

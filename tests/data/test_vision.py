@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
@@ -31,6 +30,7 @@ from zeropad.data.vision import (
     vision_doc_length,
     visual_token_count,
 )
+from zeropad.data.kimi_image import Kimi_K25ImageProcessorPil
 from zeropad.errors import DataError, ZeropadError
 from zeropad.verify import TOLERANCE
 
@@ -115,40 +115,10 @@ def transformers_navit_resize():
     return namespace["navit_resize"]
 
 
-class KimiImageProcessorStandIn:
-    """Kimi_K25ImageProcessor's pipeline, for where torchvision (which that processor needs) is absent: transformers'
-    navit_resize, torch's antialiased bicubic resize of the uint8 image (the kernel torchvision's resize runs on
-    CPU), zero padding at the bottom and right, normalization by IMAGENET_STANDARD mean/std on the 0-255 scale,
-    and [N, 3, p, p] patches in raster order. Checked bit for bit against the real processor on the demo JPEGs
-    and generated images of 6 sizes (torchvision 0.28 loaded beside this environment)."""
-
-    def __init__(self, patch_size=14, merge_size=2, max_patches=64, max_side=512):
-        self.patch_size, self.merge_size, self.max_patches = patch_size, merge_size, max_patches
-        self.size = {"max_height": max_side, "max_width": max_side}
-        self.navit_resize = transformers_navit_resize()
-
-    def __call__(self, images, return_tensors="pt"):
-        p, pixels, grids = self.patch_size, [], []
-        for image in images:
-            x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]  # uint8 [1, 3, H, W]
-            (h, w), (pad_h, pad_w) = self.navit_resize(x.shape[2], x.shape[3], p, self.merge_size, self.max_patches,
-                                                       self.size["max_height"])
-            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-            x = (F.pad(x, (0, pad_w - w, 0, pad_h - h)).float() - 127.5) / 127.5
-            gh, gw = pad_h // p, pad_w // p
-            pixels.append(x.reshape(3, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, p, p))
-            grids.append([1, gh, gw])
-        return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
-
-
-def kimi_processor(**kwargs):
-    """The real Kimi_K25ImageProcessor where torchvision is installed, else the stand-in."""
-    if importlib.util.find_spec("torchvision") is None:
-        return KimiImageProcessorStandIn(**kwargs)
-    from transformers import Kimi_K25ImageProcessor
-
-    max_side = kwargs.pop("max_side", 512)
-    return Kimi_K25ImageProcessor(**kwargs, size={"max_height": max_side, "max_width": max_side})
+def kimi_processor(max_patches=64, max_side=512):
+    """Kimi's image processor on PIL/numpy (zeropad.data.kimi_image: bit for bit transformers' torchvision one,
+    tests/data/test_kimi_image.py)."""
+    return Kimi_K25ImageProcessorPil(max_patches=max_patches, size={"max_height": max_side, "max_width": max_side})
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +194,7 @@ def test_kimi_grid_follows_transformers_navit_resize(limits):
     """Kimi's grid (shrink to max_patches and max_height patches a side, pad to whole 2x2 blocks) equals
     transformers' own rule, for small, large, thin and exact-multiple sizes; (4096, 12) caps the side."""
     max_patches, max_side = limits
-    processor = KimiImageProcessorStandIn(max_patches=max_patches, max_side=max_side)
+    processor = kimi_processor(max_patches=max_patches, max_side=max_side)
     navit_resize = transformers_navit_resize()
     for w, h in SIZES + [(1, 1), (14, 14), (27, 29), (4000, 3000), (168, 1), (1000, 2)]:
         _, (pad_h, pad_w) = navit_resize(h, w, 14, 2, max_patches, max_side)

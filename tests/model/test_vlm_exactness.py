@@ -95,15 +95,14 @@ GRIDS = [(1, 4, 6), (1, 8, 6), (1, 2, 2), (1, 6, 10)]
 
 
 def image_processor(model):
-    """The model's image processor, configured from its vision config: Qwen's PIL backend; Kimi's only exists
-    as a torchvision processor (skipped where torchvision is not installed)."""
+    """The model's image processor, configured from its vision config: Qwen's PIL backend; Kimi's on PIL/numpy
+    (zeropad.data.kimi_image, transformers' own exists only for torchvision)."""
     family = vision_family(model.config)
     unit = family.processor_settings["patch_size"] * family.merge_size
     if family.model_type == "kimi_k25":
-        pytest.importorskip("torchvision", reason="Kimi_K25ImageProcessor needs torchvision")
-        from transformers import Kimi_K25ImageProcessor
+        from zeropad.data.kimi_image import Kimi_K25ImageProcessorPil
 
-        return Kimi_K25ImageProcessor(**family.processor_settings, max_patches=64)
+        return Kimi_K25ImageProcessorPil(**family.processor_settings, max_patches=64)
     from transformers import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(**family.processor_settings, min_pixels=unit * unit, max_pixels=unit * unit * 16)

@@ -42,16 +42,18 @@ GOOD = [conversation("<image>What colour?", "blue", ["a.png"]),
         conversation("<image>Size?", "tall", ["b.png"])]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe", "chameleon"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl_moe", "kimi_k25", "chameleon"])
 def test_first_step_loss_equals_per_document_reference(tmp_path, one_thread, family):
-    """One path for a dense VLM, an MoE VLM (aux loss and expert load logged) and an early-fusion model (images
-    become VQ codes in the text; image tokens are not targets)."""
+    """One path for a dense VLM, MoE VLMs (aux loss and expert load logged; Kimi's routing is aux-loss-free) and an
+    early-fusion model (images become VQ codes in the text; image tokens are not targets)."""
     data = write_images_data(tmp_path, GOOD, {"a.png": (90, 40), "b.png": (30, 70)})
     cfg = build_config(vlm_run(tmp_path, data, family, train={"steps": 1}))
     train(cfg)
     step1 = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][1]
     if family == "qwen3_vl_moe":
         assert step1["aux_loss"] > 0 and step1["expert_load_max"] >= 1.0 and "expert_load_max/layer_1" in step1
+    if family == "kimi_k25":  # dense layer 0, routed layer 1
+        assert step1["aux_loss"] == 0 and "expert_load_max/layer_1" in step1 and "expert_load_max/layer_0" not in step1
 
     # The same fresh model (same seed) and documents, each alone, unpacked, eager attention.
     model_config = build_model_config(cfg.model)

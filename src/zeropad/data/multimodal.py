@@ -28,6 +28,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from zeropad.config import Config
 from zeropad.data.chat import ensure_chat_template
 from zeropad.data.dataset import BadSamplesError, SamplePolicy, SampleReport, weighted_copies
+from zeropad.data.kimi_image import Kimi_K25ImageProcessorPil, limit_kimi_pixels, names_kimi_processor
 from zeropad.data.sources import iter_records
 from zeropad.data.vision import ImageConversation, read_image_conversation, to_vision_doc, vision_doc_length
 from zeropad.errors import ConfigError, DataError
@@ -50,7 +51,9 @@ class VisionSample:
 
 def load_image_processor(cfg: Config, model_config: PretrainedConfig):
     """The PIL image processor: from `vision.processor` or the model directory's preprocessor_config.json;
-    for a model trained from scratch, built from its vision config. `vision.min/max_pixels` override."""
+    for a model trained from scratch, built from its vision config. `vision.min/max_pixels` override (Kimi: only
+    max_pixels, its patch budget). Kimi's processor, torchvision-only in transformers, is zeropad's
+    Kimi_K25ImageProcessorPil, loaded from the same preprocessor_config.json."""
     try:
         family = vision_family(model_config)
     except ValueError as err:
@@ -59,20 +62,28 @@ def load_image_processor(cfg: Config, model_config: PretrainedConfig):
     if source is not None:
         if not (Path(source).expanduser() / "preprocessor_config.json").is_file():
             raise ConfigError(f"vision.processor: no preprocessor_config.json in {source}")
-        try:
-            processor = AutoImageProcessor.from_pretrained(source, backend="pil",
-                                                           trust_remote_code=cfg.model.trust_remote_code)
-        except ImportError as err:  # e.g. Kimi's processor exists only for the torchvision backend
-            raise ConfigError(f"vision.processor: the image processor in {source} cannot load here: {err}") from None
-    elif "temporal_patch_size" in family.processor_settings:  # the Qwen-VL processors
-        processor = Qwen2VLImageProcessorPil(**family.processor_settings)
+        if names_kimi_processor(source):
+            processor = Kimi_K25ImageProcessorPil.from_pretrained(source)
+        else:
+            try:
+                processor = AutoImageProcessor.from_pretrained(source, backend="pil",
+                                                               trust_remote_code=cfg.model.trust_remote_code)
+            except ImportError as err:  # an image processor that exists only for the torchvision backend
+                raise ConfigError(f"vision.processor: the image processor in {source} cannot load here: "
+                                  f"{err}") from None
+    elif family.model_type == "kimi_k25":
+        processor = Kimi_K25ImageProcessorPil(**family.processor_settings)
     elif family.vq_resolution is not None:  # early fusion: shortest edge to R, then an R x R centre crop
         side = family.vq_resolution
         processor = ChameleonImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    else:
-        raise ConfigError(f"vision.processor: a {family.model_type} model from scratch needs a directory with its "
-                          "preprocessor_config.json (its image processor has no PIL backend to build here)")
-    if cfg.vision.min_pixels or cfg.vision.max_pixels:
+    else:  # the Qwen-VL processors
+        processor = Qwen2VLImageProcessorPil(**family.processor_settings)
+    if isinstance(processor, Kimi_K25ImageProcessorPil):
+        limit_kimi_pixels(processor, cfg.vision.min_pixels, cfg.vision.max_pixels)
+    elif family.vq_resolution is not None and (cfg.vision.min_pixels or cfg.vision.max_pixels):
+        raise ConfigError(f"vision.min_pixels/max_pixels: {family.model_type} resizes and crops every image to "
+                          f"{family.vq_resolution}x{family.vq_resolution}; remove them")
+    elif cfg.vision.min_pixels or cfg.vision.max_pixels:
         lower = cfg.vision.min_pixels or processor.size["shortest_edge"]
         upper = cfg.vision.max_pixels or processor.size["longest_edge"]
         if lower > upper:

@@ -17,15 +17,14 @@ Marker and timestamp tokens are never targets.
 
 Lengths before packing come from image headers and video metadata only: PIL's `Image.open` reads the size
 without decoding pixels, and the processor's own resize rule gives the patch grid: Qwen's `smart_resize`, or
-Kimi's `navit_resize` (shrink to a patch budget, pad to whole merged tokens). Kimi's image processor exists only
-as a torchvision processor; its rule is restated here (`_navit_grid`) so counting needs no torchvision, and the
-tests check it against transformers' own function. A video is planned from its container metadata when the
-record is read (`plan_video`: frames, timestamps), and decoded only in `to_vision_doc`.
+Kimi's `navit_resize` (shrink to a patch budget, pad to whole merged tokens). Kimi's image processor exists in
+transformers only as a torchvision processor; zeropad.data.kimi_image restates its rule and its pipeline
+(Kimi_K25ImageProcessorPil), and the tests check both against transformers' own code. A video is planned from
+its container metadata when the record is read (`plan_video`: frames, timestamps), and decoded only in `to_vision_doc`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +41,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from zeropad.config import VideoConfig
 from zeropad.data.chat import Sample, tokenize_conversation
 from zeropad.data.formats import Text, to_conversation
+from zeropad.data.kimi_image import navit_resize
 from zeropad.data.media_parts import IMAGE_PLACEHOLDER  # noqa: F401  (part of this module's API)
 from zeropad.data.media_parts import PLACEHOLDERS, MediaRefs, resolve, with_placeholders
 from zeropad.data.sources import iter_records
@@ -68,23 +68,18 @@ def image_grid(width: int, height: int, processor) -> tuple[int, int, int]:
 
 
 def _uses_navit_resize(processor) -> bool:
-    """Kimi's image processor (Kimi_K25ImageProcessor) bounds images by a patch budget, `max_patches`."""
+    """Kimi's image processor (Kimi_K25ImageProcessor, or zeropad's Kimi_K25ImageProcessorPil) bounds images by a
+    patch budget, `max_patches`."""
     return getattr(processor, "max_patches", None) is not None
 
 
 def _navit_grid(height: int, width: int, processor) -> tuple[int, int]:
-    """(h, w) patches of Kimi_K25ImageProcessor: `navit_resize` in transformers/models/kimi_k25/
-    image_processing_kimi_k25.py, restated because that module imports torchvision. The image is shrunk (never
-    enlarged) to at most `max_patches` patches and `size["max_height"]` patches a side, then zero-padded at the
-    bottom and right to whole merge_size x merge_size blocks of patches."""
-    patch, max_side = processor.patch_size, processor.size["max_height"]
-    num_patches = max(1.0, height // patch) * max(1.0, width // patch)
-    scale = min(1.0, math.sqrt(processor.max_patches / num_patches), max_side * patch / height,
-                max_side * patch / width)
-    resized_h = min(max(1, int(height * scale)), max_side * patch)
-    resized_w = min(max(1, int(width * scale)), max_side * patch)
-    factor = patch * processor.merge_size
-    return -(-resized_h // factor) * factor // patch, -(-resized_w // factor) * factor // patch  # ceil to blocks
+    """(h, w) patches of Kimi's image processor: `navit_resize` (zeropad.data.kimi_image, transformers' rule)
+    shrinks the image to the patch budget and pads it to whole merge_size x merge_size blocks of patches."""
+    patch = processor.patch_size
+    _, (pad_h, pad_w) = navit_resize(height, width, patch, processor.merge_size, processor.max_patches,
+                                     processor.size["max_height"])
+    return pad_h // patch, pad_w // patch
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
