@@ -62,7 +62,7 @@ def arch_of(model: torch.nn.Module) -> Arch:
     top_k = getattr(cfg, "num_experts_per_tok", None) or 0
     expert_params = sum(p.numel() for n, p in params.items() if ".experts." in n)
     embedding = model.get_input_embeddings().weight
-    tied = any(p is embedding for n, p in params.items() if "lm_head" in n) or cfg.tie_word_embeddings
+    tied = model.get_output_embeddings().weight is embedding
     moe_intermediate = getattr(cfg, "moe_intermediate_size", 0) or 0
     shared = (getattr(cfg, "shared_expert_intermediate_size", 0) or 0) + (
         (getattr(cfg, "n_shared_experts", 0) or 0) * moe_intermediate)

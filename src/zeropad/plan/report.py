@@ -39,7 +39,7 @@ def describe_image_side(a: Arch) -> str | None:
     """The one line on what the plan leaves out for a model with an image encoder."""
     if not a.num_image_params:
         return None
-    return (f"image encoder: its {a.num_image_params / 1e6:.3g}M parameters are in the model states above; "
+    return (f"image encoder: its {a.num_image_params / 1e6:.3g}M parameters are counted in the model states; "
             "its activations (per image, set by image sizes) are not modelled: leave them room in the margin")
 
 
