@@ -98,7 +98,7 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
         torch.manual_seed(seed)
         model = auto.from_pretrained(path, **kwargs) if path is not None and weights else auto.from_config(**kwargs)
         model = model.to(device)
-    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False  # a VLM's language model reads its own config
     return apply_lora(model, cfg.lora) if lora else model
 
 
