@@ -139,11 +139,12 @@ def export(
         ..., help="A checkpoint (OUTPUT_DIR/checkpoints/step_N), or an output dir: its newest."),
     out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face model directory."),
 ) -> None:
-    """Write a checkpoint as a Hugging Face model directory (safetensors, config, generation config, tokenizer)."""
+    """Write a checkpoint as a Hugging Face model directory (safetensors, config, generation config, tokenizer;
+    for a vision-language model also its image processor)."""
     from zeropad.train.export import export_checkpoint
 
-    used = export_checkpoint(checkpoint, out_dir)
-    print(f"exported {used} to {out_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+    done = export_checkpoint(checkpoint, out_dir)
+    print(f"exported {done.checkpoint} to {out_dir} ({done.auto_class}.from_pretrained loads it)")
 
 
 @app.command()

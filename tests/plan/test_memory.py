@@ -13,10 +13,11 @@ from zeropad.cli import app
 from zeropad.config import build_config
 from zeropad.data.chat import Sample
 from zeropad.errors import ConfigError
-from zeropad.model.checkpointing import apply_checkpointing, resolve_checkpointing, saved_activation_bytes
+from zeropad.model.checkpointing import apply_checkpointing, saved_activation_bytes
 from zeropad.pack.collate import collate
-from zeropad.plan.arch import arch_of, meta_model
-from zeropad.plan.fit import parse_size
+from zeropad.model.load import build_model
+from zeropad.plan.arch import arch_of
+from zeropad.plan.fit import parse_size, resolve_checkpointing
 from zeropad.plan.memory import GB, Setup, activations, model_states
 from zeropad.train.loop import forward_loss_sum
 
@@ -52,9 +53,9 @@ def test_meta_model_counts_parameters_exactly(model_type):
     from tinymodels import FAMILIES, TINY
 
     cfg = build_config({"model": {"config": {"model_type": model_type, **TINY, **FAMILIES[model_type]}}})
-    a = arch_of(meta_model(cfg.model))
+    a = arch_of(build_model(cfg.model, device="meta", lora=True))
     real = tiny_model(model_type)
-    assert a.num_params == sum(p.numel() for p in real.parameters())
+    assert a.num_params == sum(p.numel() for p in real.parameters()) and a.num_image_params == 0
     if model_type == "qwen3_moe":  # 2 of 4 experts per token: half the expert weights are activated
         experts = sum(p.numel() for n, p in real.named_parameters() if ".experts." in n)
         assert a.num_active_params == a.num_params - experts // 2 and a.num_moe_layers == 2
@@ -68,7 +69,7 @@ def test_lora_trains_only_the_adapters():
     from zeropad.model.lora import apply_lora
 
     cfg = build_config({"model": {"config": {"model_type": "qwen3", **TINY}, "lora": {"r": 4}}})
-    a = arch_of(meta_model(cfg.model))
+    a = arch_of(build_model(cfg.model, device="meta", lora=True))
     real = apply_lora(tiny_model("qwen3"), cfg.model.lora)
     assert a.num_params == sum(p.numel() for p in real.parameters())
     assert a.num_trainable_params == sum(p.numel() for p in real.parameters() if p.requires_grad) < a.num_params

@@ -16,7 +16,7 @@ hooks strip its name prefix, so checkpoints and `save_pretrained` see the usual 
               keeping. (Op-level selective checkpointing, which caches chosen op outputs, was not
               taken: its cache bypasses saved-tensor hooks, so it could be neither offloaded by
               `save_on_cpu` nor measured by `saved_activation_bytes`.)
-  auto        the memory planner picks one of the above (`resolve_checkpointing`).
+  auto        the memory planner picks one of the above (zeropad.plan.fit.resolve_checkpointing).
 
 Recomputation replays the same ops on the same inputs (with the RNG state restored), so losses
 and gradients equal those of `none`.
@@ -31,22 +31,8 @@ from typing import Any
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 
-from zeropad.config import Config, MemoryConfig
+from zeropad.config import MemoryConfig
 from zeropad.errors import ConfigError
-
-
-def resolve_checkpointing(cfg: Config, model: torch.nn.Module) -> str:
-    """The concrete policy for this run: `memory.checkpointing`, with `auto` resolved.
-
-    `auto` asks the memory planner for the least recompute whose plan fits the device
-    (`memory.device_gb`, else the detected size) at pack.max_tokens; it raises if none does."""
-    policy = cfg.memory.checkpointing
-    if policy == "auto":
-        from zeropad.plan.arch import arch_of  # the planner imports this module: import it late
-        from zeropad.plan.fit import choose_checkpointing
-
-        return choose_checkpointing(cfg, arch_of(model), next(model.parameters()).device)
-    return policy
 
 
 def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -73,7 +59,7 @@ def _every(policy: str) -> int:
 def apply_checkpointing(model: torch.nn.Module, policy: str) -> None:
     """Wrap the model's modules for `policy` (none, full, every:K or selective; resolve auto first).
     Call once, after the model is built (and adapters added), before sharding and the optimizer."""
-    assert policy != "auto", "resolve 'auto' with resolve_checkpointing() first"
+    assert policy != "auto", "resolve 'auto' with zeropad.plan.fit.resolve_checkpointing() first"
     if policy == "none":
         return
     layers = decoder_layers(model)

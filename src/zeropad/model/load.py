@@ -19,6 +19,7 @@ from zeropad.config import ModelConfig
 from zeropad.errors import ConfigError, ZeropadError
 from zeropad.model import attention  # noqa: F401  (registers the zeropad_varlen attention)
 from zeropad.model.attention import ATTN_NAME
+from zeropad.model.lora import apply_lora
 from zeropad.model.vlm import packed_attn_implementation
 
 
@@ -62,7 +63,7 @@ def is_vision_language(config: PretrainedConfig) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def _auto_class(config: PretrainedConfig):
+def auto_class(config: PretrainedConfig):
     """Causal LMs (also remote-code ones) by AutoModelForCausalLM; the rest, VLMs and early-fusion models such
     as Chameleon (no vision_config, but registered only as image-text-to-text), by AutoModelForImageTextToText."""
     auto_map = getattr(config, "auto_map", None) or {}
@@ -71,23 +72,34 @@ def _auto_class(config: PretrainedConfig):
     return AutoModelForImageTextToText
 
 
-def build_model(cfg: ModelConfig, seed: int = 0) -> PreTrainedModel:
-    """fp32 weights (bf16 runs use autocast); the attention backend is chosen by name, not patched in.
-    A vision-language model gets zeropad_varlen in its language model only (model.vlm explains why)."""
+def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu", weights: bool = True,
+                attn_implementation: str | None = None, lora: bool = False) -> torch.nn.Module:
+    """The one model builder (training, `zeropad plan`, export, verify): `cfg` -> an fp32 model on `device`.
+
+    weights: read model.path's weights; otherwise (and always for a model from scratch) the weights are
+      initialised with `seed`, on the CPU, so they do not depend on `device`. On the meta device nothing is
+      read or allocated: only shapes exist (the planner's model).
+    attn_implementation: the backend (default model.attn_implementation), chosen by name, not patched in. A
+      vision-language model gets zeropad_varlen in its language model only (model.vlm explains why).
+    lora: add model.lora's adapters (model.lora.apply_lora); training adds them itself, after the base model.
+    fp32 weights: bf16 runs use autocast."""
+    device = torch.device(device)
     path = _model_dir(cfg)
     config = build_model_config(cfg)
-    attn = cfg.attn_implementation
+    attn = attn_implementation or cfg.attn_implementation
     if is_vision_language(config) and attn == ATTN_NAME:
         attn = packed_attn_implementation()
-    auto = _auto_class(config)
-    torch.manual_seed(seed)
+    auto = auto_class(config)
     kwargs = dict(config=config, dtype=torch.float32, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
-    if path is not None:
-        model = auto.from_pretrained(path, **kwargs)
+    if device.type == "meta":
+        with torch.device("meta"):
+            model = auto.from_config(**kwargs)
     else:
-        model = auto.from_config(**kwargs)
-    model.config.use_cache = False
-    return model
+        torch.manual_seed(seed)
+        model = auto.from_pretrained(path, **kwargs) if path is not None and weights else auto.from_config(**kwargs)
+        model = model.to(device)
+    model.config.get_text_config().use_cache = False  # a VLM's language model reads its own config
+    return apply_lora(model, cfg.lora) if lora else model
 
 
 def check_vocab(model: PreTrainedModel, tokenizer) -> None:

@@ -1,10 +1,12 @@
-"""The architecture facts memory depends on, read from a model built on the meta device."""
+"""The architecture facts memory depends on, read from a model built on the meta device
+(`zeropad.model.load.build_model(cfg, device="meta", lora=True)`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
 from zeropad.model.checkpointing import decoder_layers
 
@@ -33,10 +35,25 @@ class Arch:
     num_matmul_params: int  # weights of all matmuls, experts and the LM head included
     num_head_params: int  # the output embedding (LM head)
     max_layer_params: int  # the largest decoder layer: what FSDP gathers at a time
+    # Outside the language model: a VLM's vision tower and projector, Chameleon's VQ-VAE. Included in
+    # num_params (and num_trainable_params): they have model states; their activations are not modelled.
+    num_image_params: int = 0
+
+
+def _image_params(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> int:
+    """Parameters outside the language model (its decoder and LM head). An image model nested inside the
+    decoder as a model of its own (Chameleon's VQ-VAE) is outside it too."""
+    decoder = model.get_decoder()
+    nested = [m for m in decoder.modules() if m is not decoder and isinstance(m, PreTrainedModel)]
+    inner = {id(p) for m in nested for p in m.parameters()}
+    text = {id(p) for p in decoder.parameters() if id(p) not in inner}
+    text |= {id(p) for p in model.get_output_embeddings().parameters()}
+    return sum(p.numel() for p in params.values() if id(p) not in text)
 
 
 def arch_of(model: torch.nn.Module) -> Arch:
-    """Works on a meta-device model: only shapes and counts are read."""
+    """Works on a meta-device model: only shapes and counts are read. The language model's shape comes
+    from the text config (a VLM's nests it)."""
     cfg = model.config.get_text_config()
     layers = [layer for _, layer in decoder_layers(model)]
     assert len(layers) == cfg.num_hidden_layers, f"{type(model).__name__}: decoder layers not found"
@@ -45,7 +62,7 @@ def arch_of(model: torch.nn.Module) -> Arch:
     top_k = getattr(cfg, "num_experts_per_tok", None) or 0
     expert_params = sum(p.numel() for n, p in params.items() if ".experts." in n)
     embedding = model.get_input_embeddings().weight
-    tied = any(p is embedding for n, p in params.items() if "lm_head" in n) or cfg.tie_word_embeddings
+    tied = model.get_output_embeddings().weight is embedding
     moe_intermediate = getattr(cfg, "moe_intermediate_size", 0) or 0
     shared = (getattr(cfg, "shared_expert_intermediate_size", 0) or 0) + (
         (getattr(cfg, "n_shared_experts", 0) or 0) * moe_intermediate)
@@ -66,17 +83,5 @@ def arch_of(model: torch.nn.Module) -> Arch:
         num_matmul_params=sum(p.numel() for p in params.values() if p.ndim >= 2)
         - (0 if tied else embedding.numel()),
         max_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        num_image_params=_image_params(model, params),
     )
-
-
-def meta_model(model_cfg) -> torch.nn.Module:
-    """The model with shapes and no storage (LoRA adapters included): no weights are loaded."""
-    from transformers import AutoModelForCausalLM
-
-    from zeropad.model.load import build_model_config
-    from zeropad.model.lora import apply_lora
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            build_model_config(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
-        return apply_lora(model, model_cfg.lora)

@@ -10,7 +10,7 @@ import torch
 
 from zeropad.config import Config
 from zeropad.errors import ConfigError
-from zeropad.plan.arch import Arch
+from zeropad.plan.arch import Arch, arch_of
 from zeropad.plan.memory import GB, Setup, device_total, plan, recompute_fraction
 
 MARGIN = 0.10  # left free of the device: allocator fragmentation, and what the plan does not model
@@ -107,3 +107,12 @@ def choose_checkpointing(cfg: Config, a: Arch, device: torch.device) -> str:
             "or set memory.device_gb if the detected size is wrong (see `zeropad plan`)"
         )
     return best.policy
+
+
+def resolve_checkpointing(cfg: Config, model: torch.nn.Module) -> str:
+    """The concrete policy for this run: `memory.checkpointing`, with `auto` resolved by
+    `choose_checkpointing` for the model as built (and adapted); it raises if no policy fits."""
+    policy = cfg.memory.checkpointing
+    if policy == "auto":
+        return choose_checkpointing(cfg, arch_of(model), next(model.parameters()).device)
+    return policy

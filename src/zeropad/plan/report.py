@@ -9,7 +9,8 @@ import torch
 
 from zeropad.config import Config
 from zeropad.errors import ConfigError
-from zeropad.plan.arch import Arch, arch_of, meta_model
+from zeropad.model.load import build_model
+from zeropad.plan.arch import Arch, arch_of
 from zeropad.plan.fit import (MARGIN, Option, budget_bytes, detect_device_bytes, options, parse_size, recommend,
                               setup_from_config)
 from zeropad.plan.memory import (GB, OPTIMIZER_STATE_BYTES, PRECISIONS, STRATEGIES, Component, Setup, device_total,
@@ -34,6 +35,14 @@ def describe_model(a: Arch) -> str:
     return text
 
 
+def describe_image_side(a: Arch) -> str | None:
+    """The one line on what the plan leaves out for a model with an image encoder."""
+    if not a.num_image_params:
+        return None
+    return (f"image encoder: its {a.num_image_params / 1e6:.3g}M parameters are counted in the model states; "
+            "its activations (per image, set by image sizes) are not modelled: leave them room in the margin")
+
+
 def _states_by_strategy(a: Arch, setup: Setup) -> dict[str, tuple[float, float]]:
     out = {}
     for name in STRATEGIES:
@@ -56,7 +65,7 @@ def build(a: Arch, setup: Setup, tokens: int, device_bytes: float | None) -> dic
         setup = replace(setup, checkpointing=best.policy if best else "full")
     rows = plan(a, setup, tokens)
     result = {
-        "model": {**asdict(a), "description": describe_model(a)},
+        "model": {**asdict(a), "description": describe_model(a), "image_side": describe_image_side(a)},
         "setup": asdict(setup),
         "tokens": tokens,
         "components": [asdict(r) for r in rows],
@@ -85,8 +94,9 @@ def render(result: dict) -> str:
         f"setup: {s['precision']}, {s['optimizer']}, {s['strategy']} on {s['num_devices']} device(s), "
         f"pack.max_tokens={result['tokens']}, checkpointing {s['checkpointing']}, "
         f"{'chunked' if s['chunked_loss'] else 'plain'} loss, {s['backend']} attention path",
-        "",
     ]
+    lines += [a["image_side"]] if a["image_side"] else []
+    lines.append("")
     components = [Component(**c) for c in result["components"]]
     rows = [[c.name, c.phase, fmt_bytes(c.device), fmt_bytes(c.host), c.note] for c in components]
     rows.append(["peak", "", fmt_bytes(result["total_device_bytes"]), fmt_bytes(result["total_host_bytes"]),
@@ -140,5 +150,6 @@ def run(cfg: Config, *, num_devices: int, device_memory: str | None, strategy: s
         device_bytes = detect_device_bytes(torch.device("cpu" if on_cpu else "cuda"))
     else:
         device_bytes = None
-    result = build(arch_of(meta_model(cfg.model)), setup, cfg.pack.max_tokens, device_bytes)
+    model = build_model(cfg.model, device="meta", lora=True)  # shapes only: no weights are read or allocated
+    result = build(arch_of(model), setup, cfg.pack.max_tokens, device_bytes)
     return json.dumps(result, indent=2) if as_json else render(result)

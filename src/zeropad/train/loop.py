@@ -22,11 +22,12 @@ from zeropad.family import is_multimodal
 from zeropad.model.load import build_model, build_model_config, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack, collate
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
-from zeropad.model.checkpointing import activation_context, apply_checkpointing, resolve_checkpointing
+from zeropad.model.checkpointing import activation_context, apply_checkpointing
 from zeropad.model.attention import ATTN_NAME
 from zeropad.model.lora import apply_lora, merged_for_export
 from zeropad.model.vlm import check_attn_implementation, position_rule
 from zeropad.parallel import distributed
+from zeropad.plan.fit import resolve_checkpointing
 from zeropad.parallel.sharding import full_state_dict, gradient_sync, loss_scale, parallelize, unwrap
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
 from zeropad.train.guard import RunGuard, StopSignals
