@@ -14,7 +14,8 @@ from transformers import AutoTokenizer, GenerationConfig
 from zeropad.config import Config, ModelConfig
 from zeropad.data.multimodal import load_image_processor
 from zeropad.errors import ZeropadError
-from zeropad.model.load import auto_class, build_model, is_vision_language
+from zeropad.family import is_multimodal
+from zeropad.model.load import auto_class, build_model
 from zeropad.model.lora import merged_for_export
 from zeropad.train.state import DCP_DIR, MANIFEST, checkpoint_root, step_dirs, verify
 
@@ -96,6 +97,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Export:
     model.save_pretrained(out)  # writes generation_config.json too: the model can generate
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", trust_remote_code=run.model.trust_remote_code)
     tokenizer.save_pretrained(out)
-    if is_vision_language(model.config):
+    if is_multimodal(model.config):  # Chameleon too: its resize-and-crop processor
         load_image_processor(run, model.config).save_pretrained(out)
     return Export(path, auto_class(model.config).__name__)
