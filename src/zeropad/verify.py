@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from zeropad.data.chat import Sample
+from zeropad.errors import ConfigError
 from zeropad.model.attention import ATTN_NAME, _no_mask, family, varlen_attention_forward
 from zeropad.model.support import check_packable
 from zeropad.pack.collate import IGNORE_INDEX, collate, varlen_kwargs, varlen_metadata
@@ -116,7 +117,7 @@ def leaky_lengths(doc_lengths: list[int]) -> list[int]:
     for i in range(1, len(doc_lengths)):
         if doc_lengths[i] >= 2:
             return [*doc_lengths[: i - 1], doc_lengths[i - 1] + 1, doc_lengths[i] - 1, *doc_lengths[i + 1:]]
-    raise ValueError(f"the negative control needs a second document of >= 2 tokens, got lengths {doc_lengths}")
+    raise ConfigError(f"the negative control needs a second document of >= 2 tokens, got lengths {doc_lengths}")
 
 
 def packed_forward_backward(model, docs: list[Sample], leak: bool = False) -> tuple[torch.Tensor, dict]:
@@ -235,7 +236,7 @@ def _query_side(attn: torch.nn.Module) -> torch.nn.Module:
     for name in ("q_norm", "q_b_proj", "q_proj"):
         if isinstance(getattr(attn, name, None), torch.nn.Module):
             return getattr(attn, name)
-    raise ValueError(f"verify cannot drive the attention logits of {family(attn)}: no q_norm, q_b_proj or q_proj")
+    raise ConfigError(f"verify cannot drive the attention logits of {family(attn)}: no q_norm, q_b_proj or q_proj")
 
 
 def _drive_logits(probe: _Probe, target: float) -> list:

@@ -7,6 +7,7 @@ import torch
 
 from tinymodels import FAMILIES, tiny_model
 from zeropad.data.chat import Sample
+from zeropad.errors import ConfigError
 from zeropad.pack.collate import collate
 from zeropad.verify import EAGER_TOLERANCE, FLOAT64_TOLERANCE, check_exactness, leaky_lengths, random_documents
 
@@ -35,7 +36,7 @@ def test_windows_and_softcap_are_exercised():
 def test_leaky_lengths_moves_one_boundary():
     assert leaky_lengths([7, 23, 1]) == [8, 22, 1]
     assert leaky_lengths([4, 1, 5]) == [4, 2, 4]  # a 1-token document cannot give a token away
-    with pytest.raises(ValueError, match="second document"):
+    with pytest.raises(ConfigError, match="second document"):
         leaky_lengths([9])
 
 
