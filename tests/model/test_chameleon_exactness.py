@@ -184,3 +184,12 @@ def test_mismatched_placeholders_are_an_error(model, processor):
         with pytest.raises(ValueError, match=r"placeholder runs .* need \d run\(s\) of 16"):
             pack_docs(model, [docs[1], bad])
             pytest.fail(f"{case} was packed")
+
+
+def test_verify_passes_chameleon_and_its_negative_control_fails(model):
+    from zeropad.verify import check_exactness
+
+    report = check_exactness(model, [9, 14, 5, 11], seed=3)
+    print(report.summary())
+    assert report.passed and report.max_rel <= 1e-6, report.summary()
+    assert report.control is not None and report.control.max_rel > 1e-3, report.summary()

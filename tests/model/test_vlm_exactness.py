@@ -16,7 +16,7 @@ from zeropad.model.vlm import (
     mm_token_type_ids,
     packed_attn_implementation,
 )
-from zeropad.verify import TOLERANCE, check_documents
+from zeropad.verify import TOLERANCE, check_documents, check_exactness
 
 from packing import n_images, n_videos, pack_docs
 
@@ -482,3 +482,23 @@ def test_text_boundaries_do_not_reach_the_video_tower(video_model):
     finally:
         model.set_attn_implementation(packed_attn_implementation())
     assert seen and not any("cu_seq_lens_q" in kwargs for kwargs in seen)
+
+
+def test_verify_passes_every_vlm_family_and_its_negative_control_fails(model):
+    """`zeropad verify`'s check on a multimodal model: random documents, every other one with an image, in
+    float64 with attention driven into the trained range; a one-token leak across documents must fail."""
+    report = check_exactness(model, [9, 14, 5, 11], seed=3)
+    print(type(model).__name__, report.summary())
+    assert report.passed and report.max_rel <= 1e-6, report.summary()
+    assert report.control is not None and report.control.max_rel > 1e-3, report.summary()
+
+
+def test_verify_cli_on_a_saved_vlm(tmp_path):
+    from typer.testing import CliRunner
+
+    from zeropad.cli import app
+
+    tiny_qwen2_5_vl().save_pretrained(tmp_path)
+    result = CliRunner().invoke(app, ["verify", str(tmp_path), "--lengths", "9,14,5"])
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "negative control" in result.output and "failed, as it must" in result.output

@@ -4,8 +4,16 @@ A pack is one flat sequence [1, T] of documents; `cu_seq_lens_q/k` (int32, n_doc
 `max_length_q/k` (int) describe the document boundaries. They arrive through the model's forward
 kwargs, computed once per pack on the host (pack/collate.py), never per layer.
 
-Backends, by availability: flash-attn varlen (CUDA, if installed), torch's varlen_attn (CUDA),
-per-document SDPA (CPU and fallback). Tensor suffixes: B batch (=1), H heads, T tokens, D head dim.
+Every argument that changes the result is implemented or refused, never dropped: scaling, sliding
+windows, logit softcapping (`softcap`), attention sinks (`s_aux`, learned per head, with gradient)
+and dropout. Any other keyword must be on `HARMLESS_KWARGS`; anything else stops the step with the
+family and the argument named.
+
+Backends, by availability and by what they implement: flash-attn varlen (CUDA, if installed:
+softcap, windows, dropout), torch's varlen_attn (CUDA: windows), per-document SDPA (CPU, and
+plain attention everywhere else), and explicit per-document scores (softcap and sinks where no
+kernel has them; O(L^2) memory per document). Tensor suffixes: B batch (=1), H heads, T tokens,
+D head dim.
 """
 
 from __future__ import annotations
@@ -13,42 +21,102 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 
+from zeropad.errors import ConfigError
+
 ATTN_NAME = "zeropad_varlen"
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
+# Keywords transformers forwards to every attention call that do not change its output (the
+# packing kwargs are named parameters; output_attentions only asks for weights, which no fused
+# kernel returns). Anything else is refused, so a new feature cannot be silently dropped.
+HARMLESS_KWARGS = frozenset({
+    "position_ids", "use_cache", "cache_position", "output_attentions", "output_hidden_states",
+    "output_router_logits", "num_items_in_batch", "return_dict", "seq_idx",
+})
 
-def _backend(query: torch.Tensor) -> str:
-    # The CUDA varlen kernels take fp16/bf16 only; fp32 runs (and CPUs) use per-document SDPA.
-    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16):
-        return "sdpa_per_doc"
-    if _HAS_FLASH_ATTN:
-        return "flash_attn"
-    return "torch_varlen"
+
+def family(module: torch.nn.Module) -> str:
+    """'gemma2 (Gemma2Attention)': the config's model_type and the attention class, for messages."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None) or "unknown family"
+    return f"{model_type} ({type(module).__name__})"
 
 
-def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, cu_seqlens, scaling, sliding_window) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Features:
+    scaling: float
+    sliding_window: int | None
+    softcap: float | None
+    sinks: torch.Tensor | None  # [H] logits of a virtual key with no value, one per query head
+    dropout: float
+
+
+def _backend(query: torch.Tensor, feats: _Features) -> str:
+    # The CUDA varlen kernels take fp16/bf16 only; fp32 runs (and CPUs) compute per document.
+    if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16) and feats.sinks is None:
+        if _HAS_FLASH_ATTN:
+            return "flash_attn"
+        if feats.softcap is None and feats.dropout == 0.0 and (
+                feats.sliding_window is None or "window_size" in _varlen_params()):
+            return "torch_varlen"
+    if feats.softcap is not None or feats.sinks is not None:
+        return "explicit_per_doc"
+    return "sdpa_per_doc"
+
+
+def _window_mask(n: int, sliding_window: int | None, device) -> torch.Tensor:
+    """[n, n] bool, True where query i may attend key j: causal, and within the window if any
+    (transformers' convention: a window of W keeps keys i-W < j <= i)."""
+    pos = torch.arange(n, device=device)
+    dist = pos[:, None] - pos[None, :]
+    mask = dist >= 0
+    return mask & (dist < sliding_window) if sliding_window is not None else mask
+
+
+def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -> torch.Tensor:
     """Causal SDPA on each document's slice: exact, and never builds a [T, T] mask.
 
     Slices stay 4-D: on CPU, SDPA takes its fused flash kernel only for 4-D inputs (3-D ones
     fall back to the generic math path, ~3x slower in forward + backward)."""
-    bounds = cu_seqlens.tolist()
     gqa = q_BHTD.shape[1] != k_BHTD.shape[1]
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         q, k, v = (x[:, :, start:end] for x in (q_BHTD, k_BHTD, v_BHTD))
-        if sliding_window is None:
-            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
+        window = feats.sliding_window if feats.sliding_window is not None and feats.sliding_window < end - start else None
+        mask = None if window is None else _window_mask(end - start, window, q.device)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                   dropout_p=feats.dropout, scale=feats.scaling, enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
+
+
+def _explicit_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -> torch.Tensor:
+    """Scores written out per document, for what SDPA cannot express: tanh softcap on the scaled
+    logits, and sinks as one extra logit per head in the softmax denominator (dropped after)."""
+    groups = q_BHTD.shape[1] // k_BHTD.shape[1]
+    k_BHTD, v_BHTD = (x.repeat_interleave(groups, dim=1) for x in (k_BHTD, v_BHTD))
+    # fp16/bf16 scores are normalised in fp32, as every kernel does
+    score_dtype = torch.promote_types(q_BHTD.dtype, torch.float32)
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (x[:, :, start:end] for x in (q_BHTD, k_BHTD, v_BHTD))
+        scores = torch.matmul(q, k.transpose(2, 3)).to(score_dtype) * feats.scaling
+        if feats.softcap is not None:
+            scores = torch.tanh(scores / feats.softcap) * feats.softcap
+        scores = scores.masked_fill(~_window_mask(end - start, feats.sliding_window, q.device), float("-inf"))
+        if feats.sinks is not None:
+            sink = feats.sinks.to(score_dtype).reshape(1, -1, 1, 1).expand(1, -1, end - start, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         else:
-            pos = torch.arange(end - start, device=q.device)
-            dist = pos[:, None] - pos[None, :]
-            mask = (dist >= 0) & (dist < sliding_window)
-            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
+            probs = torch.softmax(scores, dim=-1)
+        if feats.dropout:
+            probs = F.dropout(probs, p=feats.dropout)
+        outs.append(torch.matmul(probs.to(v.dtype), v))
     return torch.cat(outs, dim=2)
 
 
@@ -59,17 +127,18 @@ def _varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _torch_varlen(q_THD, k_THD, v_THD, cu, max_len, scaling, sliding_window) -> torch.Tensor:
+def _torch_varlen(q_THD, k_THD, v_THD, cu, max_len, feats: _Features) -> torch.Tensor:
     """torch.nn.attention.varlen.varlen_attn, across its signatures: torch >= 2.12 takes window_size
-    and enable_gqa; earlier releases take is_causal and need KV heads repeated for GQA."""
+    and enable_gqa; earlier releases take is_causal and need KV heads repeated for GQA (and get no
+    windowed layer: _backend sends those per document)."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
-    kwargs: dict = {"scale": scaling}
+    kwargs: dict = {"scale": feats.scaling}
     if "window_size" in params:
-        kwargs["window_size"] = (sliding_window - 1, 0) if sliding_window is not None else (-1, 0)
+        window = feats.sliding_window
+        kwargs["window_size"] = (window - 1, 0) if window is not None else (-1, 0)
     else:
-        assert sliding_window is None, "sliding-window attention needs torch >= 2.12 or flash-attn on CUDA"
         kwargs["is_causal"] = True
     if q_THD.shape[1] != k_THD.shape[1]:
         if "enable_gqa" in params:
@@ -78,6 +147,24 @@ def _torch_varlen(q_THD, k_THD, v_THD, cu, max_len, scaling, sliding_window) -> 
             groups = q_THD.shape[1] // k_THD.shape[1]
             k_THD, v_THD = (x.repeat_interleave(groups, dim=1) for x in (k_THD, v_THD))
     return varlen_attn(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, **kwargs)
+
+
+def _flash_attn(q_THD, k_THD, v_THD, cu, max_len, feats: _Features) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    window = (feats.sliding_window - 1, 0) if feats.sliding_window is not None else (-1, -1)
+    head_dim, v_head_dim = q_THD.shape[-1], v_THD.shape[-1]
+    if v_head_dim != head_dim:  # MLA (DeepSeek): flash-attn needs one head dim; pad v, crop the output
+        v_THD = F.pad(v_THD, [0, head_dim - v_head_dim])
+    out = flash_attn_varlen_func(
+        q_THD, k_THD, v_THD, cu, cu, max_len, max_len, dropout_p=feats.dropout,
+        softmax_scale=feats.scaling, causal=True, window_size=window, softcap=feats.softcap or 0.0,
+    )
+    return out[..., :v_head_dim]
+
+
+def _refuse(module: torch.nn.Module, what: str) -> ConfigError:
+    return ConfigError(f"{family(module)}: {what}; zeropad_varlen refuses rather than train a different model")
 
 
 def varlen_attention_forward(
@@ -89,47 +176,52 @@ def varlen_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    is_causal: bool | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
     max_length_q: int | None = None,
     max_length_k: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query/key/value: [1, H, T, D]; returns ([1, T, H, D], None) as transformers expects."""
-    assert query.shape[0] == 1, "packed attention expects one flat sequence per micro-step (batch size 1)"
+    """query/key/value: [1, H, T, D] (value's D may differ, as in MLA); returns ([1, T, H, Dv], None)."""
+    unknown = sorted(set(kwargs) - HARMLESS_KWARGS)
+    if unknown:
+        raise _refuse(module, f"its attention passes {unknown}, which packed attention does not implement")
+    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        raise _refuse(module, "bidirectional (non-causal) attention cannot be packed")
+    if attention_mask is not None:
+        raise _refuse(module, "an attention mask reached the attention (documents are given by cu_seq_lens, "
+                              "so a mask here carries something else, e.g. a bias or bidirectional spans)")
+    if query.shape[0] != 1:
+        raise _refuse(module, f"batch size {query.shape[0]}: packs are one flat sequence per micro-step")
     T = query.shape[2]
     if cu_seq_lens_q is None:  # a single unpacked document (e.g. generation without packing kwargs)
         cu_seq_lens_q = torch.tensor([0, T], dtype=torch.int32, device=query.device)
         max_length_q = T
-    assert cu_seq_lens_k is None or cu_seq_lens_k is cu_seq_lens_q or torch.equal(cu_seq_lens_k, cu_seq_lens_q), (
-        "self-attention over packs needs identical query and key boundaries"
+    if not (cu_seq_lens_k is None or cu_seq_lens_k is cu_seq_lens_q or torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
+        raise _refuse(module, "different query and key document boundaries (self-attention over packs only)")
+    feats = _Features(
+        scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
+        sliding_window=sliding_window, softcap=softcap, sinks=s_aux,
+        dropout=dropout if module.training else 0.0,
     )
-    assert attention_mask is None, "zeropad_varlen takes no attention mask: documents are given by cu_seq_lens"
-    dropout = dropout if module.training else 0.0
-    assert dropout == 0.0, "attention dropout is not supported by the packed attention"
 
     if query.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         # Under autocast, q/k leave fp32-weight norms (e.g. Qwen3's q_norm) in fp32 while v is bf16.
         dtype = torch.get_autocast_dtype("cuda")
         query, key, value = (x.to(dtype) for x in (query, key, value))
-    backend = _backend(query)
-    if backend == "sdpa_per_doc":
-        out_BHTD = _sdpa_per_doc(query, key, value, cu_seq_lens_q, scaling, sliding_window)
+    backend = _backend(query, feats)
+    if backend in ("sdpa_per_doc", "explicit_per_doc"):
+        per_doc = _sdpa_per_doc if backend == "sdpa_per_doc" else _explicit_per_doc
+        out_BHTD = per_doc(query, key, value, cu_seq_lens_q.tolist(), feats)
         return out_BHTD.transpose(1, 2), None
 
     q_THD, k_THD, v_THD = (x[0].transpose(0, 1) for x in (query, key, value))
     cu = cu_seq_lens_q.to(torch.int32)
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-
-        window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
-        out_THD = flash_attn_varlen_func(
-            q_THD, k_THD, v_THD, cu, cu, max_length_q, max_length_q,
-            softmax_scale=scaling, causal=True, window_size=window,
-        )
-    else:
-        out_THD = _torch_varlen(q_THD, k_THD, v_THD, cu, max_length_q, scaling, sliding_window)
-    return out_THD.unsqueeze(0), None
+    kernel = _flash_attn if backend == "flash_attn" else _torch_varlen
+    return kernel(q_THD, k_THD, v_THD, cu, max_length_q, feats).unsqueeze(0), None
 
 
 def _no_mask(*args, **kwargs) -> None:

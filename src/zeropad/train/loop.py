@@ -25,6 +25,7 @@ from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, ste
 from zeropad.model.checkpointing import activation_context, apply_checkpointing
 from zeropad.model.attention import ATTN_NAME
 from zeropad.model.lora import apply_lora, merged_for_export
+from zeropad.model.support import check_packable
 from zeropad.model.vlm import check_attn_implementation, position_rule
 from zeropad.parallel import distributed
 from zeropad.plan.fit import resolve_checkpointing
@@ -214,6 +215,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model_config = build_model_config(cfg.model)
+    check_packable(model_config)  # a family packing cannot keep exact is refused before any data is read
     processor = load_image_processor(cfg, model_config) if is_multimodal(model_config) else None
     loader, eval_samples, report = _prepare_data(cfg, tokenizer, processor, model_config)
     base_model, model, groups = _build_model(cfg, tokenizer, processor, device)

@@ -1,0 +1,123 @@
+"""Every attention argument that changes the result is implemented or refused by name, and the
+verify harness would catch each one being dropped."""
+
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+
+from tinymodels import tiny_config, tiny_model
+from zeropad.errors import ConfigError
+from zeropad.model.attention import _no_mask, varlen_attention_forward
+from zeropad.model.support import check_packable
+from zeropad.pack.collate import varlen_kwargs, varlen_metadata
+from zeropad.verify import check_exactness
+
+LENGTHS = [7, 23, 1, 40, 12, 2]
+
+
+def _variant(name: str, **change) -> str:
+    """A registered copy of zeropad_varlen that drops or alters one argument: the bug under test."""
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        kwargs.update({k: fn(kwargs.get(k)) for k, fn in change.items()})
+        return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, _no_mask)
+    return name
+
+
+@pytest.mark.parametrize("model_type, bug, change", [
+    ("gemma2", "softcap ignored", dict(softcap=lambda cap: None)),
+    ("gpt_oss", "sinks ignored", dict(s_aux=lambda sinks: None)),
+    ("gemma3_text", "window one token too wide", dict(sliding_window=lambda w: None if w is None else w + 1)),
+    ("llama", "scale 1% off", dict(scaling=lambda s: s * 1.01)),
+])
+def test_verify_catches_a_dropped_feature(model_type, bug, change):
+    broken = _variant(f"broken_{model_type}", **change)
+    report = check_exactness(tiny_model(model_type), LENGTHS, seed=1, packed_attn=broken)
+    assert not report.passed, f"{bug} went unnoticed: {report.summary()}"
+    assert report.max_rel > 1e2 * report.tolerance, report.summary()
+
+
+def test_softcap_ignored_is_invisible_at_random_init_logits():
+    """Why verify drives the logits: at random-init magnitudes the cap (50) is never reached, so the
+    same bug passes; driven to 3x the cap it fails (previous test)."""
+    broken = _variant("broken_nocap", softcap=lambda cap: None)
+    report = check_exactness(tiny_model("gemma2"), LENGTHS, seed=1, packed_attn=broken, logit_target=1.0)
+    assert report.max_rel < 1e-3, report.summary()
+
+
+def test_sinks_get_their_gradient():
+    model = tiny_model("gpt_oss").train()
+    cu, max_len = varlen_metadata([6, 10])
+    ids = torch.randint(3, 101, (1, 16))
+    positions = torch.cat([torch.arange(6), torch.arange(10)])[None]
+    model(input_ids=ids, position_ids=positions, **varlen_kwargs(cu, max_len)).logits.sum().backward()
+    for layer in model.model.layers:
+        assert layer.self_attn.sinks.grad is not None and layer.self_attn.sinks.grad.abs().max() > 0
+
+
+def _attn_module():
+    return tiny_model("llama").model.layers[0].self_attn
+
+
+def _qkv(T=6, H=4, D=16):
+    torch.manual_seed(0)
+    return (torch.randn(1, H, T, D, dtype=torch.float64) for _ in range(3))
+
+
+def test_unknown_keyword_is_refused_naming_it_and_the_family():
+    q, k, v = _qkv()
+    with pytest.raises(ConfigError, match=r"llama \(LlamaAttention\).*'position_bias'"):
+        varlen_attention_forward(_attn_module(), q, k, v, None, position_bias=torch.zeros(1))
+
+
+def test_harmless_keywords_pass():
+    q, k, v = _qkv()
+    out, _ = varlen_attention_forward(_attn_module(), q, k, v, None, scaling=0.25, position_ids=None,
+                                      use_cache=False, output_attentions=False)
+    assert out.shape == (1, 6, 4, 16)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(is_causal=False), "bidirectional"),
+    (dict(attention_mask=torch.zeros(1, 1, 6, 6)), "attention mask"),
+])
+def test_semantics_the_attention_cannot_keep_are_refused(kwargs, message):
+    q, k, v = _qkv()
+    mask = kwargs.pop("attention_mask", None)
+    with pytest.raises(ConfigError, match=message):
+        varlen_attention_forward(_attn_module(), q, k, v, mask, **kwargs)
+
+
+def test_dropout_applies_in_training_only():
+    module = _attn_module()
+    q, k, v = _qkv(T=12)
+    cu = dict(cu_seq_lens_q=torch.tensor([0, 5, 12], dtype=torch.int32))
+    module.eval()
+    a, _ = varlen_attention_forward(module, q, k, v, None, dropout=0.5, **cu)
+    b, _ = varlen_attention_forward(module, q, k, v, None, dropout=0.0, **cu)
+    assert torch.equal(a, b)
+    module.train()
+    torch.manual_seed(1)
+    c, _ = varlen_attention_forward(module, q, k, v, None, dropout=0.5, **cu)
+    assert (c - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type, overrides, reason", [
+    ("qwen3_next", {}, "linear-attention"),
+    ("mamba", {}, "state-space"),
+    ("lfm2", {}, "convolution"),
+    ("qwen2", dict(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"]), "linear_attention"),
+    ("llama4_text", dict(attention_chunk_size=8), "chunked"),
+])
+def test_stateful_and_mask_only_families_are_refused_at_start_up(model_type, overrides, reason):
+    from transformers import AutoConfig
+
+    with pytest.raises(ConfigError, match=reason):
+        check_packable(AutoConfig.for_model(model_type, **overrides))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gemma3_text", "gpt_oss", "deepseek_v3"])
+def test_supported_families_are_packable(model_type):
+    assert check_packable(tiny_config(model_type)) is None
