@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from zeropad.config import Config, ModelConfig
 from zeropad.errors import ZeropadError
 from zeropad.model.lora import apply_lora, merged_for_export
-from zeropad.train.state import DCP_DIR, MANIFEST, checkpoint_root, step_dirs, verify
+from zeropad.train.state import MANIFEST, checkpoint_root, load_weights, step_dirs, verify
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -40,33 +39,13 @@ def load_trained_model(checkpoint: Path) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(checkpoint / "model", trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     model = apply_lora(model, cfg.lora)
-    if (checkpoint / DCP_DIR).is_dir():  # saved under torchrun: the shards gathered into full weights
-        missing, unexpected = _load_dcp_weights(checkpoint, model)
-    else:
-        missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ZeropadError(f"{checkpoint}: weights do not match its model config "
-                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    load_weights(checkpoint, model)  # every rank's shards, gathered into the full weights
     model = merged_for_export(model)
     if (checkpoint / "model" / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(checkpoint / "model")
     # Training turns the KV cache off; whoever loads the export generates, and wants it on.
     model.config.use_cache = True
     return model
-
-
-def _load_dcp_weights(checkpoint: Path, model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """The model weights of a DCP checkpoint (every rank's shards) into a plain one-process model."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    state = {"model": get_model_state_dict(model)}
-    try:
-        dcp.load(state, checkpoint_id=str(checkpoint / DCP_DIR))
-    except Exception as err:
-        raise ZeropadError(f"{checkpoint}: cannot read its {DCP_DIR}/ weights into its model config ({err})") from None
-    result = set_model_state_dict(model, state["model"])
-    return list(result.missing_keys), list(result.unexpected_keys)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
