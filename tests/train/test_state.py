@@ -9,7 +9,9 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from typer.testing import CliRunner
 
@@ -102,6 +104,44 @@ def test_resume_path_to_a_bad_checkpoint_is_a_clear_error(trained, tmp_path):
         with pytest.raises(CorruptCheckpoint, match=message):
             train(cfg.model_copy(update={"resume": str(ckpt)}))
         (ckpt / name).write_bytes(original)
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(trained):
+    cfg, _ = trained
+    ckpt = checkpoint_root(cfg.output_dir) / "step_000008"
+    for change, named in [({"num_hidden_layers": 3}, "missing ['model.layers.2."),
+                          ({"intermediate_size": 128}, "other shape ['model.layers.0.mlp.down_proj.weight (64, 96) "
+                                                       "vs (64, 128)")]:
+        other = cfg.model.model_copy(update={"config": {**cfg.model.config, **change}})
+        with pytest.raises(ZeropadError, match="does not fit this model") as info:
+            train(cfg.model_copy(update={"model": other, "resume": str(ckpt)}))
+        assert named in str(info.value)
+
+
+class _PrintsWhenUnpickled:
+    def __reduce__(self):
+        return print, ("pickled code ran",)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the test's own one-process dcp.save
+def test_loading_a_checkpoint_runs_no_pickled_code(trained, tmp_path, capsys):
+    """DCP unpickles its non-tensor values; a checkpoint whose optimizer hyperparameter is a pickled
+    call is refused as unreadable, and the call never runs."""
+    cfg, _ = trained
+    ckpt = checkpoint_root(cfg.output_dir) / "step_000008"
+    dcp_to_torch_save(ckpt / "dcp", tmp_path / "full.pt")
+    state = torch.load(tmp_path / "full.pt", weights_only=True)
+    state["optimizer"]["param_groups"][0]["lr"] = _PrintsWhenUnpickled()
+    shutil.rmtree(ckpt / "dcp")
+    dcp.save(state, checkpoint_id=str(ckpt / "dcp"))
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"] = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*")
+                         if f.is_file() and f.name != MANIFEST}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    with pytest.raises(CorruptCheckpoint, match="pickled object that is not plain data"):
+        train(cfg.model_copy(update={"resume": str(ckpt)}))
+    assert "pickled code ran" not in capsys.readouterr().out
 
 
 def test_resume_from_an_older_checkpoint_moves_newer_ones_aside(trained, capsys):

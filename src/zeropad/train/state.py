@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
@@ -158,7 +159,7 @@ def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     distributed.barrier()
-    with _one_process_is_intended():
+    with _dcp_call():
         dcp.save(_app_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
     if os.environ.get("ZEROPAD_TEST_KILL_DURING_SAVE") == str(position.step):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -196,12 +197,16 @@ def _commit(tmp: Path, final: Path, root: Path, step: int) -> None:
 
 
 @contextmanager
-def _one_process_is_intended():
-    """Without a process group DCP saves and loads in this process alone, as intended here; it warns
-    about that on every call, which would only be noise."""
+def _dcp_call():
+    """Around every DCP save and load. Without a process group DCP works in this process alone, as
+    intended here, and warns about it on every call: noise. Its failures come as CheckpointException,
+    a BaseException that `except Exception` misses: the first failing rank's own error is raised."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
+        try:
+            yield
+        except CheckpointException as err:
+            raise next(iter(err.failures.values()))[0] from err
 
 
 def prune(output_dir: str | Path, keep: int, newest_step: int) -> None:
@@ -306,8 +311,11 @@ def _load_dcp(path: Path, model, state: dict[str, Stateful]) -> None:
               {key.removeprefix("model."): tuple(getattr(meta, "size", ())) for key, meta in stored.items()
                if key.startswith("model.")})
     try:
-        with _one_process_is_intended():
+        with _dcp_call():
             dcp.load(state, checkpoint_id=str(path / DCP_DIR), planner=_PlainDataLoadPlanner())
+    except pickle.UnpicklingError:
+        raise CorruptCheckpoint(f"{path}: {DCP_DIR}/ holds a pickled object that is not plain data (refused: "
+                                "loading it could run code)") from None
     except Exception as err:  # the weights fit, so a missing key is the optimizer's; anything else, damage
         if "missing key" in str(err).lower():
             raise ZeropadError(f"{path}: the checkpoint's optimizer state does not fit this run's trained "
