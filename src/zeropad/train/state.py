@@ -108,7 +108,7 @@ def verify(path: Path) -> dict:
     return manifest
 
 
-# ---------------------------------------------------------------------------------------------- saving
+# ------------------------------------------------------------------------------- what dcp/ holds
 
 
 class ModelState(Stateful):
@@ -140,6 +140,9 @@ class OptimizerState(Stateful):
 
 def _app_state(model, optimizer) -> dict[str, Stateful]:
     return {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
+
+
+# ---------------------------------------------------------------------------------------------- saving
 
 
 def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer, scheduler, tokenizer,
