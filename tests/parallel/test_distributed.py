@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,13 +212,18 @@ def test_saved_on_two_ranks_resumes_on_one(reference, strategy, tmp_path):
         assert torch.equal(exported[key], final[key]), key
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_saved_on_one_process_resumes_on_two_ranks(reference, strategy):
+@pytest.mark.parametrize("strategy,layout", [("ddp", "dcp"), ("fsdp", "dcp"), ("fsdp", "legacy")])
+def test_saved_on_one_process_resumes_on_two_ranks(reference, strategy, layout):
     root, one = reference
     ckpt = one / "checkpoints" / "step_000002"
-    assert (ckpt / "model.safetensors").is_file()  # the single-process format
-    resumed = root / f"resume2-{strategy}"
-    cfg_path = root / f"resume2-{strategy}.yaml"
+    assert (ckpt / "dcp").is_dir()  # the one format, also in one process
+    if layout == "legacy":  # what earlier versions wrote in one process: full weights, optimizer by index
+        from test_state_legacy import write_legacy_checkpoint
+
+        ckpt = shutil.copytree(ckpt, root / "legacy" / ckpt.name)
+        write_legacy_checkpoint(ckpt, build_config(_config(root, one, grad_accum=4)))
+    resumed = root / f"resume2-{strategy}-{layout}"
+    cfg_path = root / f"resume2-{strategy}-{layout}.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(root, resumed, grad_accum=2, strategy=strategy)
                                        | {"resume": str(ckpt)}))
     done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root)

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tinyrun import step_records
 from zeropad.config import build_config
 from zeropad.errors import TooManyBadSteps
+from zeropad.train.export import load_trained_model
 from zeropad.train.loop import train
 from zeropad.train.state import checkpoint_root
 
@@ -58,7 +58,7 @@ def test_too_many_in_a_row_checkpoint_and_stop(tiny_run):
     assert err.exit_code == 4 and "3 consecutive steps" in str(err) and "step_000005" in err.checkpoint
     records = step_records(cfg.output_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["bad_steps"] == 3
-    weights = load_file(checkpoint_root(cfg.output_dir) / "step_000005" / "model.safetensors")
-    assert all(torch.isfinite(t).all() for t in weights.values())  # the last good weights
+    saved = load_trained_model(checkpoint_root(cfg.output_dir) / "step_000005")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())  # the last good weights
     state = json.loads((checkpoint_root(cfg.output_dir) / "step_000005" / "state.json").read_text())
     assert state["bad_steps"] == 3

@@ -93,7 +93,8 @@ def test_sigkill_during_a_checkpoint_save_loses_nothing(root, reference):
     code, _ = finish(launch(root, "killed_in_save", env={**ENV, "ZEROPAD_TEST_KILL_DURING_SAVE": "25"}))
     assert code == -signal.SIGKILL
     ckpts = checkpoint_root(out)
-    assert (ckpts / ".tmp-step_000025" / "model.safetensors").is_file()  # died halfway through the save
+    assert (ckpts / ".tmp-step_000025" / "dcp" / ".metadata").is_file()  # died halfway through the save
+    assert not (ckpts / ".tmp-step_000025" / "state.json").exists()
     assert not (ckpts / "step_000025").exists() and (ckpts / "step_000020" / MANIFEST).is_file()
     code, output = finish(launch(root, "killed_in_save", "resume=auto"))
     assert code == 0, output

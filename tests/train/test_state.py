@@ -9,6 +9,9 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from typer.testing import CliRunner
 
@@ -31,23 +34,26 @@ def trained(tiny_run):
 
 
 def test_checkpoint_holds_everything_and_keeps_the_last_two(trained):
-    cfg, _ = trained
+    cfg, result = trained
     root = checkpoint_root(cfg.output_dir)
     assert [step for step, _ in step_dirs(root)] == [6, 8]
     assert not list(root.glob(".tmp-*"))
     ckpt = root / "step_000008"
     manifest = json.loads((ckpt / MANIFEST).read_text())
-    for name in ["model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json",
+    for name in ["dcp/.metadata", "dcp/__0_0.distcp", "scheduler.pt", "rng.pt", "state.json", "config.json",
                  "model/config.json", "model/generation_config.json", "tokenizer/tokenizer.json"]:
         assert manifest["files"][name] == (ckpt / name).stat().st_size
+    # the one format at every world size: DCP holds every weight and the optimizer state, by name
+    stored = FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
+    weights = {name: tuple(t.shape) for name, t in result.model.state_dict().items()}
+    assert {k.removeprefix("model."): tuple(m.size) for k, m in stored.items() if k.startswith("model.")} == weights
+    assert {f"optimizer.state.{name}.exp_avg" for name in weights} <= set(stored)
     # weights_only: loading runs no pickled code
-    trainer = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert trainer["scheduler"]["last_epoch"] == 8 and trainer["optimizer"]["state"]
+    assert torch.load(ckpt / "scheduler.pt", weights_only=True)["scheduler"]["last_epoch"] == 8
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     assert set(rng) >= {"python", "numpy", "torch"}
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 8 and state["tokens_seen"] > 0 and state["bad_steps"] == 0
-    assert load_file(ckpt / "model.safetensors")
     assert json.loads((ckpt / "config.json").read_text())["checkpoint"]["every_steps"] == 2
 
 
@@ -68,8 +74,8 @@ def test_a_fresh_run_refuses_to_mix_with_an_earlier_ones_checkpoints(trained):
 def test_resume_auto_falls_back_past_a_truncated_newest_and_says_why(trained, capsys):
     cfg, _ = trained
     root = checkpoint_root(cfg.output_dir)
-    weights = root / "step_000008" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    shard = root / "step_000008" / "dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
     capsys.readouterr()
     resumed = train(cfg.model_copy(update={"resume": "auto"}))
     out = capsys.readouterr().out
@@ -92,9 +98,50 @@ def test_resume_path_to_a_bad_checkpoint_is_a_clear_error(trained, tmp_path):
     with pytest.raises(CorruptCheckpoint, match="no such checkpoint directory"):
         train(cfg.model_copy(update={"resume": str(tmp_path / "nope")}))
     ckpt = checkpoint_root(cfg.output_dir) / "step_000006"
-    (ckpt / "optimizer.pt").write_bytes(b"x" * (ckpt / "optimizer.pt").stat().st_size)  # same size, garbage
-    with pytest.raises(CorruptCheckpoint, match="unreadable training state"):
+    for name, message in [("scheduler.pt", "unreadable training state"), ("dcp/.metadata", "unreadable dcp/")]:
+        original = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(b"x" * len(original))  # same size, garbage
+        with pytest.raises(CorruptCheckpoint, match=message):
+            train(cfg.model_copy(update={"resume": str(ckpt)}))
+        (ckpt / name).write_bytes(original)
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(trained):
+    cfg, _ = trained
+    ckpt = checkpoint_root(cfg.output_dir) / "step_000008"
+    for change, named in [({"num_hidden_layers": 3}, "missing ['model.layers.2."),
+                          ({"intermediate_size": 128}, "other shape ['model.layers.0.mlp.down_proj.weight (64, 96) "
+                                                       "vs (64, 128)")]:
+        other = cfg.model.model_copy(update={"config": {**cfg.model.config, **change}})
+        with pytest.raises(ZeropadError, match="does not fit this model") as info:
+            train(cfg.model_copy(update={"model": other, "resume": str(ckpt)}))
+        assert named in str(info.value)
+
+
+class _PrintsWhenUnpickled:
+    def __reduce__(self):
+        return print, ("pickled code ran",)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the test's own one-process dcp.save
+def test_loading_a_checkpoint_runs_no_pickled_code(trained, tmp_path, capsys):
+    """DCP unpickles its non-tensor values; a checkpoint whose optimizer hyperparameter is a pickled
+    call is refused as unreadable, and the call never runs."""
+    cfg, _ = trained
+    ckpt = checkpoint_root(cfg.output_dir) / "step_000008"
+    dcp_to_torch_save(ckpt / "dcp", tmp_path / "full.pt")
+    state = torch.load(tmp_path / "full.pt", weights_only=True)
+    state["optimizer"]["param_groups"][0]["lr"] = _PrintsWhenUnpickled()
+    shutil.rmtree(ckpt / "dcp")
+    dcp.save(state, checkpoint_id=str(ckpt / "dcp"))
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"] = {str(f.relative_to(ckpt)): f.stat().st_size for f in ckpt.rglob("*")
+                         if f.is_file() and f.name != MANIFEST}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    with pytest.raises(CorruptCheckpoint, match="pickled object that is not plain data"):
         train(cfg.model_copy(update={"resume": str(ckpt)}))
+    assert "pickled code ran" not in capsys.readouterr().out
 
 
 def test_resume_from_an_older_checkpoint_moves_newer_ones_aside(trained, capsys):

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_model
 from transformers import AutoTokenizer, GenerationConfig
 
 from zeropad.config import Config, ModelConfig
@@ -17,7 +16,7 @@ from zeropad.errors import ZeropadError
 from zeropad.family import is_multimodal
 from zeropad.model.load import auto_class, build_model
 from zeropad.model.lora import merged_for_export
-from zeropad.train.state import DCP_DIR, MANIFEST, checkpoint_root, step_dirs, verify
+from zeropad.train.state import MANIFEST, checkpoint_root, load_weights, step_dirs, verify
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -52,33 +51,13 @@ def load_trained_model(checkpoint: Path) -> torch.nn.Module:
     into the weights."""
     verify(checkpoint)
     model = build_model(checkpoint_model_config(checkpoint), weights=False, lora=True)  # weights: below
-    if (checkpoint / DCP_DIR).is_dir():  # saved under torchrun: the shards gathered into full weights
-        missing, unexpected = _load_dcp_weights(checkpoint, model)
-    else:
-        missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ZeropadError(f"{checkpoint}: weights do not match its model config "
-                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    load_weights(checkpoint, model)  # every rank's shards, gathered into the full weights
     model = merged_for_export(model)
     if (checkpoint / "model" / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(checkpoint / "model")
     # Training turns the KV cache off; whoever loads the export generates, and wants it on.
     model.config.get_text_config().use_cache = True
     return model
-
-
-def _load_dcp_weights(checkpoint: Path, model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """The model weights of a DCP checkpoint (every rank's shards) into a plain one-process model."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    state = {"model": get_model_state_dict(model)}
-    try:
-        dcp.load(state, checkpoint_id=str(checkpoint / DCP_DIR))
-    except Exception as err:
-        raise ZeropadError(f"{checkpoint}: cannot read its {DCP_DIR}/ weights into its model config ({err})") from None
-    result = set_model_state_dict(model, state["model"])
-    return list(result.missing_keys), list(result.unexpected_keys)
 
 
 class Export(NamedTuple):

@@ -92,14 +92,14 @@ class RunGuard:
         if changed:
             self.say(f"resume: config differs from the checkpoint's in {', '.join(changed)}; the optimizer and LR "
                      "schedule state (learning rates included) continue from the checkpoint")
-        _barrier()  # every rank has loaded before rank 0 moves anything
+        distributed.barrier()  # every rank has loaded before rank 0 moves anything
         if distributed.is_main():
             supersede_newer(root, self.position.step, self.say)
         self.loader.epoch, self.loader.index = self.position.epoch, self.position.index
         self.saved_step = self.position.step
         if distributed.is_main():  # rank 0 alone writes metrics.jsonl
             _trim_metrics(self.output_dir / "metrics.jsonl", self.position.step)
-        _barrier()
+        distributed.barrier()
         self.say(f"resumed from {path} at step {self.position.step} "
                  f"(epoch {self.position.epoch}, {self.position.index} packs into it)")
         return self.position.step
@@ -153,19 +153,12 @@ class RunGuard:
                                self.tokenizer, self.cfg.model_dump_json(indent=2))
         if distributed.is_main():
             prune(self.output_dir, self.cfg.checkpoint.keep, self.position.step)
-        _barrier()
+        distributed.barrier()
         self.saved_step = self.position.step
         self.say(f"checkpoint: {path}")
 
     def _path(self) -> Path:
         return checkpoint_root(self.output_dir) / f"step_{self.position.step:06d}"
-
-
-def _barrier() -> None:
-    if distributed.is_initialized():
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

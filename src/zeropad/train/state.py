@@ -1,50 +1,63 @@
-"""Checkpoints: written atomically, validated on load, resumed exactly.
+"""Checkpoints: one format at every world size, written atomically, validated on load, resumed exactly.
 
 A checkpoint is a directory OUTPUT_DIR/checkpoints/step_000123/ holding
 
-    model.safetensors    the training model's own state dict (tied tensors stored once)
-    optimizer.pt         optimizer and LR-schedule state (tensors and plain data only)
+    dcp/                 model and optimizer, written by torch.distributed.checkpoint (DCP): each rank
+                         its own shards (one process: all of it) under plain parameter names
+    scheduler.pt         the LR-schedule state
     rng.pt               python, numpy, torch CPU (and CUDA) generator states
     state.json           step, token and bad-step counters, data position (epoch, packs done)
     config.json          the resolved zeropad config of the run
     model/, tokenizer/   Hugging Face model config, generation config and tokenizer, for export
     COMPLETE             manifest of every file with its size, written last
 
-It is written into `.tmp-step_000123`, every file and directory fsynced, then renamed into place,
-so it is never half-visible: a crash during a save leaves the previous checkpoint as it was.
-Everything loads with safetensors or torch.load(weights_only=True): no pickled code runs.
+Model and optimizer reach DCP as Stateful objects (ModelState, OptimizerState) built on
+torch.distributed.checkpoint.state_dict, so the same save and load serve one process (no process
+group: DCP then reads and writes alone) and any DDP/FSDP run, and a checkpoint saved at one world
+size loads at any other. Every rank writes its shards; rank 0 writes the small files.
 
-Under torchrun (world size > 1) model and optimizer are saved with torch.distributed.checkpoint
-(DCP) into dcp/, each rank writing its own shards, and scheduler.pt replaces optimizer.pt; rank 0
-writes everything else, the manifest last, and renames the directory after every rank has written.
-DCP checkpoints load on any world size (1 included), and the single-process format loads under
-torchrun too (full state dicts, sharded as they are set), so a run moves between world sizes.
+It is written into `.tmp-step_000123`, every file and directory fsynced, then renamed into place by
+rank 0 once every rank has written, so it is never half-visible: a crash during a save leaves the
+previous checkpoint as it was. No pickled code runs on load: the small files load with
+torch.load(weights_only=True), and DCP's non-tensor values are read as plain data the same way.
+
+The single-process format of earlier versions (model.safetensors + optimizer.pt) still resumes, at
+any world size, through zeropad.train.state_legacy; new checkpoints are always DCP.
 
 Test hook: ZEROPAD_TEST_KILL_DURING_SAVE=STEP makes the process SIGKILL itself halfway through
-writing checkpoint STEP (weights written, manifest not), to test that a crash there loses nothing.
+writing checkpoint STEP (model and optimizer written, manifest not), to test that a crash there loses
+nothing.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
 
 from zeropad.errors import ZeropadError
 from zeropad.parallel import distributed
 
 MANIFEST = "COMPLETE"
 DCP_DIR = "dcp"
+SCHEDULER = "scheduler.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -95,28 +108,71 @@ def verify(path: Path) -> dict:
     return manifest
 
 
+# ------------------------------------------------------------------------------- what dcp/ holds
+
+
+class ModelState(Stateful):
+    """The model as DCP saves and loads it: each rank's own shards under their plain parameter names
+    (no DDP/FSDP prefixes), so any world size and strategy reads them."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState(Stateful):
+    """The optimizer as DCP saves and loads it: state keyed by parameter name, not by index."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+def _app_state(model, optimizer) -> dict[str, Stateful]:
+    return {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
+
+
 # ---------------------------------------------------------------------------------------------- saving
 
 
 def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer, scheduler, tokenizer,
                     config_json: str) -> Path:
-    """Write checkpoint `position.step` atomically and return its directory."""
-    if distributed.world_size() > 1:
-        return _save_distributed(output_dir, position, model, optimizer, scheduler, tokenizer, config_json)
+    """Write checkpoint `position.step` atomically and return its directory. Every rank calls this
+    (DCP's collectives): each writes its shards of model and optimizer, rank 0 the rest, and rank 0
+    renames the directory into place once every rank has written."""
+    from zeropad.parallel.sharding import unwrap
+
     root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step_*"):  # left by a crash during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{position.step:06d}"
     tmp = root / f".tmp-{final.name}"
-
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    main = distributed.is_main()
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step_*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    with _dcp_call():
+        dcp.save(_app_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
     if os.environ.get("ZEROPAD_TEST_KILL_DURING_SAVE") == str(position.step):
         os.kill(os.getpid(), signal.SIGKILL)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    _write_small_files(tmp, position, model, tokenizer, config_json)
-    _commit(tmp, final, root, position.step)
+    if main:
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / SCHEDULER)
+        _write_small_files(tmp, position, unwrap(model), tokenizer, config_json)
+    distributed.barrier()  # every rank's shards are written
+    if main:
+        _commit(tmp, final, root, position.step)
+    distributed.barrier()  # the checkpoint is visible to every rank
     return final
 
 
@@ -143,36 +199,17 @@ def _commit(tmp: Path, final: Path, root: Path, step: int) -> None:
     _fsync(root)
 
 
-def _save_distributed(output_dir, position: Position, model, optimizer, scheduler, tokenizer,
-                      config_json: str) -> Path:
-    """Every rank calls this (collectives): DCP shards of model and optimizer by all ranks, the rest
-    by rank 0, which renames the directory into place once every rank has written."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from zeropad.parallel.sharding import unwrap
-
-    root = checkpoint_root(output_dir)
-    final = root / f"step_{position.step:06d}"
-    tmp = root / f".tmp-{final.name}"
-    main = distributed.is_main()
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step_*"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
-    if main:
-        torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
-        _write_small_files(tmp, position, unwrap(model), tokenizer, config_json)
-    dist.barrier()  # every rank's shards are written
-    if main:
-        _commit(tmp, final, root, position.step)
-    dist.barrier()  # the checkpoint is visible to every rank
-    return final
+@contextmanager
+def _dcp_call():
+    """Around every DCP save and load. Without a process group DCP works in this process alone, as
+    intended here, and warns about it on every call: noise. Its failures come as CheckpointException,
+    a BaseException that `except Exception` misses: the first failing rank's own error is raised."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        try:
+            yield
+        except CheckpointException as err:
+            raise next(iter(err.failures.values()))[0] from err
 
 
 def prune(output_dir: str | Path, keep: int, newest_step: int) -> None:
@@ -219,110 +256,87 @@ def _set_rng_state(state: dict) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> Position:
-    """Restore everything from checkpoint `path` into the live objects. CorruptCheckpoint when a file
-    cannot be read; nothing is changed before every small file has been read successfully."""
+    """Restore everything from checkpoint `path` into the live objects, resharded to this run's world
+    size and strategy. CorruptCheckpoint when a file cannot be read; nothing is changed before every
+    small file has been read and the stored weights have been checked against the model's."""
+    from zeropad.train import state_legacy
+
     verify(path)
-    sharded = (path / DCP_DIR).is_dir()
+    legacy = state_legacy.is_legacy(path)
     try:
-        trainer = torch.load(path / ("scheduler.pt" if sharded else "optimizer.pt"), weights_only=True)
+        trainer = torch.load(path / (state_legacy.TRAINER if legacy else SCHEDULER), weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
         position = Position(**json.loads((path / "state.json").read_text()))
     except Exception as err:  # any failure to read means the files are damaged, whatever its type
         raise CorruptCheckpoint(f"{path}: unreadable training state ({type(err).__name__}: {err})") from None
-    if sharded:
-        _load_dcp(path, model, optimizer)
-    elif distributed.world_size() > 1:
-        _load_full_into_parallel(path, model, optimizer, trainer["optimizer"])
+    if legacy:
+        state_legacy.load(path, model, optimizer, trainer["optimizer"])
     else:
-        try:
-            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        except (SafetensorError, OSError) as err:
-            raise CorruptCheckpoint(f"{path}: unreadable model.safetensors ({err})") from None
-        _check_fit(path, missing, unexpected)
-        optimizer.load_state_dict(trainer["optimizer"])
+        _load_dcp(path, model, _app_state(model, optimizer))
     scheduler.load_state_dict(trainer["scheduler"])
     _set_rng_state(rng)
     return position
 
 
-def _check_fit(path: Path, missing, unexpected) -> None:
-    if missing or unexpected:
+def load_weights(path: Path, model) -> None:
+    """Only the trained weights of checkpoint `path`, into `model` (for export: a plain model in one
+    process, whatever world size saved them)."""
+    from zeropad.train import state_legacy
+
+    verify(path)
+    if state_legacy.is_legacy(path):
+        state_legacy.load(path, model)
+    else:
+        _load_dcp(path, model, {"model": ModelState(model)})
+
+
+def check_fit(path: Path, expected: dict[str, tuple], stored: dict[str, tuple]) -> None:
+    """ZeropadError unless the stored weights (name -> shape) are those the model expects."""
+    missing, unexpected = expected.keys() - stored.keys(), stored.keys() - expected.keys()
+    reshaped = [f"{k} {stored[k]} vs {expected[k]}" for k in sorted(expected.keys() & stored.keys())
+                if stored[k] != expected[k]]
+    if missing or unexpected or reshaped:
         raise ZeropadError(
             f"{path}: the checkpoint does not fit this model (missing {sorted(missing)[:3]}, unexpected "
-            f"{sorted(unexpected)[:3]}); resume with the model config the checkpoint was trained with"
+            f"{sorted(unexpected)[:3]}, other shape {reshaped[:3]}); use the model config the checkpoint "
+            "was trained with"
         )
 
 
-def _load_dcp(path: Path, model, optimizer) -> None:
-    """Model and optimizer from a DCP checkpoint, resharded to this run's world size and strategy."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
+def _load_dcp(path: Path, model, state: dict[str, Stateful]) -> None:
+    """`state` (ModelState, OptimizerState) from the checkpoint's DCP shards, after checking that the
+    stored weights are this model's: DCP itself ignores stored tensors the model lacks."""
     try:
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
-    except Exception as err:  # a missing key means another model; anything else, damaged shards
-        if "missing key" in str(err).lower():
-            raise ZeropadError(f"{path}: the checkpoint does not fit this model ({err}); resume with the "
-                               "model config the checkpoint was trained with") from None
+        stored = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+    except Exception as err:  # a damaged or missing .metadata, whatever its type
         raise CorruptCheckpoint(f"{path}: unreadable {DCP_DIR}/ ({type(err).__name__}: {err})") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def _load_full_into_parallel(path: Path, model, optimizer, native_optim: dict) -> None:
-    """A single-process checkpoint into a DDP/FSDP model: full state dicts, set (and sharded) by
-    set_state_dict. The optimizer's saved state is keyed by parameter index; DCP wants names."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
+    check_fit(path, {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()},
+              {key.removeprefix("model."): tuple(getattr(meta, "size", ())) for key, meta in stored.items()
+               if key.startswith("model.")})
     try:
-        weights = load_file(str(path / "model.safetensors"))
-    except (SafetensorError, OSError) as err:
-        raise CorruptCheckpoint(f"{path}: unreadable model.safetensors ({err})") from None
-    from zeropad.parallel.sharding import unwrap
-
-    full = StateDictOptions(full_state_dict=True)
-    model_sd = unwrap(model).state_dict()  # only the names: FSDP2 keeps the model's own
-    tied = {k for k in model_sd if k not in weights}
-    missing = {k for k in tied if not _is_tied(model, k)}
-    _check_fit(path, missing, set(weights) - set(model_sd))
-    for key in tied - missing:  # stored once: the tied copy comes from its twin
-        weights[key] = _tied_source(model, key, weights)
-    names = {id(p): name for name, p in _named_parameters(model)}
-    index_to_name = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    optim_sd = {
-        "state": {index_to_name[i]: st for i, st in native_optim["state"].items()},
-        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in native_optim["param_groups"]],
-    }
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd, options=full)
+        with _dcp_call():
+            dcp.load(state, checkpoint_id=str(path / DCP_DIR), planner=_PlainDataLoadPlanner())
+    except pickle.UnpicklingError:
+        raise CorruptCheckpoint(f"{path}: {DCP_DIR}/ holds a pickled object that is not plain data (refused: "
+                                "loading it could run code)") from None
+    except Exception as err:  # the weights fit, so a missing key is the optimizer's; anything else, damage
+        if "missing key" in str(err).lower():
+            raise ZeropadError(f"{path}: the checkpoint's optimizer state does not fit this run's trained "
+                               f"parameters ({err}); resume with the train.freeze it was trained with") from None
+        raise CorruptCheckpoint(f"{path}: unreadable {DCP_DIR}/ ({type(err).__name__}: {err})") from None
 
 
-def _named_parameters(model):
-    from zeropad.parallel.sharding import unwrap
+class _PlainDataLoadPlanner(DefaultLoadPlanner):
+    """DCP stores non-tensor values (the optimizer's hyperparameters) pickled and reads them back with
+    torch.load(weights_only=False); this reads them as plain data first, so loading a checkpoint runs
+    no pickled code."""
 
-    return unwrap(model).named_parameters(remove_duplicate=True)
-
-
-def _is_tied(model, key: str) -> bool:
-    return _tied_twin(model, key) is not None
-
-
-def _tied_twin(model, key: str) -> str | None:
-    from zeropad.parallel.sharding import unwrap
-
-    inner = unwrap(model)
-    params = dict(inner.named_parameters(remove_duplicate=False))
-    if key not in params:
-        return None
-    for name, p in params.items():
-        if name != key and p is params[key]:
-            return name
-    return None
-
-
-def _tied_source(model, key: str, weights: dict):
-    return weights[_tied_twin(model, key)]
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        plain = torch.load(value, weights_only=True)  # refuses anything but tensors and plain data
+        checked = io.BytesIO()
+        torch.save(plain, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
 
 
 def resume_newest(root: Path, model, optimizer, scheduler, say=print) -> tuple[Path, Position] | None:
