@@ -70,3 +70,11 @@ def test_readme_documents_every_key():
     for line in describe_keys().splitlines():
         key = line.split(" = ")[0]
         assert f"`{key}`" in readme, f"README config reference misses {key}"
+
+
+def test_combinations_are_refused_from_the_config_alone():
+    with pytest.raises(ConfigError) as err:
+        build_config({"model": {"lora": {}}, "parallel": {"strategy": "fsdp"}})
+    assert str(err.value) == ("config error: model.lora with parallel.strategy=fsdp is not yet supported: use "
+                              "parallel.strategy=ddp")
+    build_config({"model": {"lora": {}}, "parallel": {"strategy": "ddp"}})

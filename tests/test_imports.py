@@ -53,3 +53,14 @@ def test_a_cycle_is_found():
     graph["zeropad.model.checkpointing"].add("zeropad.plan.fit")  # what checkpointing once imported
     with pytest.raises(CycleError):
         list(TopologicalSorter(graph).static_order())
+
+
+def test_data_never_imports_model_and_model_never_imports_verify():
+    """DESIGN's layering: the per-family facts (zeropad.family) sit below data/ and model/, so data and the packer
+    never reach into model/ (or the trainer), and model/ does not depend on the exactness harness that checks it."""
+    below = ("zeropad.data", "zeropad.pack", "zeropad.family")
+    for name, imported in import_graph().items():
+        if name.startswith(below):
+            assert not {m for m in imported if m.startswith(("zeropad.model", "zeropad.train", "zeropad.verify"))}, name
+        if name.startswith("zeropad.model"):
+            assert "zeropad.verify" not in imported, name

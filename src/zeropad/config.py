@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from zeropad.errors import ConfigError
 
@@ -190,6 +190,13 @@ class Config(_Strict):
     )
     output_dir: str = Field("runs/zeropad", description="Where metrics, plots, checkpoints and the model go.")
 
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        """What is refused from the config alone, before anything is loaded."""
+        if self.model.lora is not None and self.parallel.strategy == "fsdp":
+            raise ValueError("model.lora with parallel.strategy=fsdp is not yet supported: use parallel.strategy=ddp")
+        return self
+
 
 def _model_at(path: tuple) -> type[BaseModel] | None:
     """The schema class that holds the key at `path` (skipping list indices)."""
@@ -216,6 +223,8 @@ def _explain(err: ValidationError) -> str:
             close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
             lines.append(f"unknown key '{key}'{hint}")
+        elif not e["loc"]:  # a combination of keys (Config._combinations)
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
     return "config error: " + "; ".join(lines)

@@ -1,7 +1,6 @@
 """Invariant 5: the same tokens grouped into different packs and micro-steps give the same gradient."""
 
 
-import torch
 
 from tinymodels import tiny_model
 from zeropad.pack.collate import collate

@@ -185,8 +185,6 @@ def _check_parallel(cfg: Config) -> None:
     if cfg.parallel.strategy == "none":
         raise ConfigError(f"running under torchrun with {distributed.world_size()} processes: "
                           "set parallel.strategy to ddp or fsdp")
-    if cfg.model.lora is not None and cfg.parallel.strategy == "fsdp":
-        raise ConfigError("model.lora with parallel.strategy=fsdp is not yet supported: use parallel.strategy=ddp")
 
 
 def train(cfg: Config) -> TrainResult:

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -54,6 +55,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from zeropad.errors import ZeropadError
 from zeropad.parallel import distributed
+from zeropad.train import state_legacy
 
 MANIFEST = "COMPLETE"
 DCP_DIR = "dcp"
@@ -259,10 +261,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> Position:
     """Restore everything from checkpoint `path` into the live objects, resharded to this run's world
     size and strategy. CorruptCheckpoint when a file cannot be read; nothing is changed before every
     small file has been read and the stored weights have been checked against the model's."""
-    from zeropad.train import state_legacy
-
     verify(path)
-    legacy = state_legacy.is_legacy(path)
+    legacy = _is_legacy(path)
     try:
         trainer = torch.load(path / (state_legacy.TRAINER if legacy else SCHEDULER), weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
@@ -270,7 +270,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> Position:
     except Exception as err:  # any failure to read means the files are damaged, whatever its type
         raise CorruptCheckpoint(f"{path}: unreadable training state ({type(err).__name__}: {err})") from None
     if legacy:
-        state_legacy.load(path, model, optimizer, trainer["optimizer"])
+        state_legacy.set_state(model, _legacy_weights(path, model), optimizer, trainer["optimizer"])
     else:
         _load_dcp(path, model, _app_state(model, optimizer))
     scheduler.load_state_dict(trainer["scheduler"])
@@ -281,13 +281,26 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> Position:
 def load_weights(path: Path, model) -> None:
     """Only the trained weights of checkpoint `path`, into `model` (for export: a plain model in one
     process, whatever world size saved them)."""
-    from zeropad.train import state_legacy
-
     verify(path)
-    if state_legacy.is_legacy(path):
-        state_legacy.load(path, model)
+    if _is_legacy(path):
+        state_legacy.set_state(model, _legacy_weights(path, model))
     else:
         _load_dcp(path, model, {"model": ModelState(model)})
+
+
+def _is_legacy(path: Path) -> bool:
+    """A checkpoint of the single-process format zeropad wrote before DCP at every world size."""
+    return (path / state_legacy.WEIGHTS).is_file() and not (path / DCP_DIR).exists()
+
+
+def _legacy_weights(path: Path, model) -> dict[str, torch.Tensor]:
+    try:
+        weights = state_legacy.read_weights(path, model)
+    except (SafetensorError, OSError) as err:
+        raise CorruptCheckpoint(f"{path}: unreadable {state_legacy.WEIGHTS} ({err})") from None
+    expected = {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
+    check_fit(path, expected, {name: tuple(t.shape) for name, t in weights.items()})
+    return weights
 
 
 def check_fit(path: Path, expected: dict[str, tuple], stored: dict[str, tuple]) -> None:

@@ -7,34 +7,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import SafetensorError
+import torch
 from safetensors.torch import load_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from zeropad.train.state import DCP_DIR, CorruptCheckpoint, check_fit
 
 WEIGHTS = "model.safetensors"
 TRAINER = "optimizer.pt"  # {"optimizer": ..., "scheduler": ...}
 
 
-def is_legacy(path: Path) -> bool:
-    return (path / WEIGHTS).is_file() and not (path / DCP_DIR).exists()
-
-
-def load(path: Path, model, optimizer=None, optimizer_state: dict | None = None) -> None:
-    """The weights (and, given an optimizer, its state) of a legacy checkpoint into the live objects,
-    DDP/FSDP-wrapped or not: full state dicts, which set_state_dict shards as the run's strategy does."""
-    try:
-        weights = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as err:
-        raise CorruptCheckpoint(f"{path}: unreadable {WEIGHTS} ({err})") from None
-    expected = {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
-    for name, twin in _tied_names(model).items():  # stored once: the tied copy comes from its twin
+def read_weights(path: Path, model) -> dict[str, torch.Tensor]:
+    """The stored weights, each tied parameter filled from its twin (the format stored tied tensors once)."""
+    weights = load_file(str(path / WEIGHTS))
+    expected = get_model_state_dict(model)
+    for name, twin in _tied_names(model).items():
         if name in expected and name not in weights and twin in weights:
             weights[name] = weights[twin]
-    check_fit(path, expected, {name: tuple(t.shape) for name, t in weights.items()})
+    return weights
+
+
+def set_state(model, weights: dict[str, torch.Tensor], optimizer=None, optimizer_state: dict | None = None) -> None:
+    """The weights (and, given an optimizer, its saved state) into the live objects, DDP/FSDP-wrapped or not:
+    full state dicts, which set_state_dict shards as the run's strategy does."""
     full = StateDictOptions(full_state_dict=True)
     if optimizer is None:
         set_model_state_dict(model, weights, options=full)
