@@ -90,6 +90,13 @@ def test_semantics_the_attention_cannot_keep_are_refused(kwargs, message):
         varlen_attention_forward(_attn_module(), q, k, v, mask, **kwargs)
 
 
+def test_keys_from_a_kv_cache_are_refused():
+    q, _, _ = _qkv(T=6)
+    _, k, v = _qkv(T=13)  # 7 cached tokens before the 6 new ones
+    with pytest.raises(ConfigError, match=r"llama \(LlamaAttention\): 13 keys for 6 queries: a KV cache"):
+        varlen_attention_forward(_attn_module(), q, k, v, None)
+
+
 def test_dropout_applies_in_training_only():
     module = _attn_module()
     q, k, v = _qkv(T=12)

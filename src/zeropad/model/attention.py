@@ -197,6 +197,11 @@ def varlen_attention_forward(
     if query.shape[0] != 1:
         raise _refuse(module, f"batch size {query.shape[0]}: packs are one flat sequence per micro-step")
     T = query.shape[2]
+    if key.shape[2] != T:
+        # Keys longer than the queries hold a KV cache's past tokens, which the document slicing below
+        # would misalign (a sliding-window cache keeps the window's last tokens, so every key shifts).
+        raise _refuse(module, f"{key.shape[2]} keys for {T} queries: a KV cache reached the attention; packs are "
+                              "attended whole, so run the model with use_cache=False")
     if cu_seq_lens_q is None:  # a single unpacked document (e.g. generation without packing kwargs)
         cu_seq_lens_q = torch.tensor([0, T], dtype=torch.int32, device=query.device)
         max_length_q = T

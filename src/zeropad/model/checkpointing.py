@@ -19,7 +19,9 @@ hooks strip its name prefix, so checkpoints and `save_pretrained` see the usual 
   auto        the memory planner picks one of the above (zeropad.plan.fit.resolve_checkpointing).
 
 Recomputation replays the same ops on the same inputs (with the RNG state restored), so losses
-and gradients equal those of `none`.
+and gradients equal those of `none`. Same inputs includes no KV cache: the policies turn the
+model's `use_cache` off (a layer replayed against the cache its first pass filled attends over
+other keys).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def _every(policy: str) -> int:
 
 def apply_checkpointing(model: torch.nn.Module, policy: str) -> None:
     """Wrap the model's modules for `policy` (none, full, every:K or selective; resolve auto first).
-    Call once, after the model is built (and adapters added), before sharding and the optimizer."""
+    Call once, after the model is built (and adapters added), before sharding and the optimizer.
+    A policy that recomputes also sets the model's (text) config `use_cache` to False."""
     assert policy != "auto", "resolve 'auto' with zeropad.plan.fit.resolve_checkpointing() first"
     if policy == "none":
         return
@@ -85,6 +88,13 @@ def apply_checkpointing(model: torch.nn.Module, policy: str) -> None:
         raise AssertionError(f"unvalidated checkpointing policy {policy!r}")
     for name in targets:
         _wrap(model, name)
+    config = getattr(model, "config", None)
+    if config is not None:
+        # A recomputed layer would write its keys and values into the forward's KV cache a second time and
+        # attend over what the cache returns: for a sliding-window layer, the window's last tokens from the
+        # first pass followed by the pack, so the recomputation (and every gradient) shifts. Training needs
+        # no cache; this is what transformers' own gradient checkpointing does too.
+        config.get_text_config().use_cache = False
 
 
 def activation_context(memory: MemoryConfig, device: torch.device) -> contextlib.AbstractContextManager:
