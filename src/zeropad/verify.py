@@ -168,11 +168,19 @@ def _report(ref, packed, doc_lengths, tolerance, reference_attn) -> ExactnessRep
             continue
         abs_diff[name] = (packed_grads[name] - ref_grads[name]).abs().max().item()
         rel[name] = _relative(abs_diff[name], ref_grads[name].abs().max().item())
-    logit_diff = (packed_logits - ref_logits).abs().max().item()
+    # Logits a model masks to the dtype's minimum (Chameleon's image codes) carry no signal and would make the
+    # relative scale ~1e308; they are compared as a mask, the rest as values.
+    floor = torch.finfo(ref_logits.dtype).min / 2
+    real = ref_logits > floor
+    if torch.equal(real, packed_logits > floor):
+        logit_diff = (packed_logits - ref_logits)[real].abs().max().item()
+        logit_scale = ref_logits[real].abs().max().item()
+    else:
+        logit_diff, logit_scale = math.inf, 1.0
     worst = max(rel, key=rel.get) if rel else "-"
     return ExactnessReport(
         doc_lengths=list(doc_lengths), max_logit_diff=logit_diff, max_grad_diff=max(abs_diff.values(), default=0.0),
-        worst_param=worst, tolerance=tolerance, logit_rel=_relative(logit_diff, ref_logits.abs().max().item()),
+        worst_param=worst, tolerance=tolerance, logit_rel=_relative(logit_diff, logit_scale),
         grad_rel=rel, reference_attn=reference_attn,
     )
 

@@ -192,4 +192,5 @@ def test_verify_passes_chameleon_and_its_negative_control_fails(model):
     report = check_exactness(model, [9, 14, 5, 11], seed=3)
     print(report.summary())
     assert report.passed and report.max_rel <= 1e-6, report.summary()
-    assert report.control is not None and report.control.max_rel > 1e-3, report.summary()
+    # the logits themselves show the leak: the image-code logits Chameleon masks to the minimum are left out
+    assert report.control is not None and report.control.logit_rel > 1e-3, report.summary()

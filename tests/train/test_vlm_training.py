@@ -77,8 +77,9 @@ def test_first_step_loss_equals_per_document_reference(tmp_path, one_thread, fam
 
 
 @pytest.mark.skipif(not (SHARED / "mllm_demo.json").is_file(), reason="../shared/data is absent")
-def test_real_demo_data_trains_and_the_saved_directory_trains_again(tmp_path, one_thread):
-    cfg = vlm_run(tmp_path, SHARED / "mllm_demo.json", train={"steps": 6, "lr": 3e-3},
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "kimi_k25"])
+def test_real_demo_data_trains_and_the_saved_directory_trains_again(tmp_path, one_thread, family):
+    cfg = vlm_run(tmp_path, SHARED / "mllm_demo.json", family, train={"steps": 6, "lr": 3e-3},
                   pack={"max_tokens": 1024})
     result = train(build_config(cfg))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
