@@ -78,3 +78,5 @@ def test_combinations_are_refused_from_the_config_alone():
     assert str(err.value) == ("config error: model.lora with parallel.strategy=fsdp is not yet supported: use "
                               "parallel.strategy=ddp")
     build_config({"model": {"lora": {}}, "parallel": {"strategy": "ddp"}})
+    with pytest.raises(ConfigError, match="HSDP"):
+        build_config({"parallel": {"strategy": "ddp", "replicate": 2}})

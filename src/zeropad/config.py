@@ -170,6 +170,11 @@ class ParallelConfig(_Strict):
         "for the backward (false: ZeRO-2, less communication).",
     )
     cpu_offload: bool = Field(False, description="fsdp: keep weight shards, gradients and optimizer state in host memory.")
+    replicate: int = Field(1, ge=1, description="fsdp: HSDP replicas (e.g. nodes). The ranks form a replicate x "
+                           "shard mesh: the model is sharded within each replica and gradients are all-reduced "
+                           "across replicas. 1: plain FSDP over all ranks.")
+    shard: int | None = Field(None, ge=1, description="fsdp with replicate > 1: ranks per replica the model is "
+                              "sharded over (e.g. GPUs per node); default world size / replicate.")
 
 
 class Config(_Strict):
@@ -195,6 +200,8 @@ class Config(_Strict):
         """What is refused from the config alone, before anything is loaded."""
         if self.model.lora is not None and self.parallel.strategy == "fsdp":
             raise ValueError("model.lora with parallel.strategy=fsdp is not yet supported: use parallel.strategy=ddp")
+        if (self.parallel.replicate > 1 or self.parallel.shard is not None) and self.parallel.strategy != "fsdp":
+            raise ValueError("parallel.replicate / parallel.shard (HSDP) are FSDP options: set parallel.strategy=fsdp")
         return self
 
 

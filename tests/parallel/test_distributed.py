@@ -27,9 +27,9 @@ CHECKPOINTS = {"every_steps": 2, "keep": 5}  # step 2 (resumed from below) and s
 LAUNCH_TIMEOUT_S = 120  # a hang (a rank waiting forever on a dead peer) fails the test instead
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
 
 
@@ -82,6 +82,32 @@ def test_two_ranks_equal_one_process(reference, parallel):
     for key in expected_w:
         assert (expected_w[key] - got_w[key]).abs().max().item() <= 1e-5, key
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_hsdp_two_replicas_of_two_shards_equal_one_process(reference):
+    """HSDP on a 2 x 2 mesh (4 ranks, one micro-step each: the 4 packs the reference takes per step): sharded
+    within each replica, gradients all-reduced across replicas; the same training as one process."""
+    root, one = reference
+    out = root / "hsdp"
+    cfg_path = root / "hsdp.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(root, out, grad_accum=1, strategy="fsdp", replicate=2, shard=2)))
+    done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root, nproc=4)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    for e, g in zip(step_records(one), step_records(out), strict=True):
+        assert abs(e["loss"] - g["loss"]) <= 1e-5 and abs(e["grad_norm"] - g["grad_norm"]) <= 1e-5, (e, g)
+    expected_w, got_w = _final_weights(one), _final_weights(out)
+    assert expected_w.keys() == got_w.keys()
+    for key in expected_w:
+        assert (expected_w[key] - got_w[key]).abs().max().item() <= 1e-5, key
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 4
+
+
+def test_an_hsdp_mesh_that_does_not_fit_the_ranks_is_refused():
+    from zeropad.parallel.distributed import data_parallel_mesh
+
+    with pytest.raises(ValueError, match=r"parallel.replicate \(2\) x parallel.shard \(2\) must equal the number "
+                                         r"of processes \(1\)"):
+        data_parallel_mesh(torch.device("cpu"), 2, 2)
 
 
 def test_fsdp_bf16_mixed_precision_trains_close_to_fp32(reference):

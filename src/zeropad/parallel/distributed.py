@@ -79,3 +79,15 @@ def all_reduce_sum(value: float | int, device: torch.device) -> float:
     t = torch.tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item()
+
+
+def data_parallel_mesh(device: torch.device, replicate: int, shard: int | None):
+    """The 2-D (replicate, shard) DeviceMesh for HSDP over all ranks; ValueError naming the numbers when they do
+    not multiply to the world size."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard = shard or world_size() // replicate
+    if replicate * shard != world_size():
+        raise ValueError(f"parallel.replicate ({replicate}) x parallel.shard ({shard}) must equal the number of "
+                         f"processes ({world_size()})")
+    return init_device_mesh(device.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))

@@ -5,7 +5,8 @@ the optimizer is built (torchtitan `parallelize.py` style); the model classes ar
 
   none   one process; the model as it is.
   ddp    every rank holds the whole model, gradients all-reduced (DistributedDataParallel).
-  fsdp   FSDP2: each decoder layer, then the root, sharded across ranks. reshard_after_forward
+  fsdp   FSDP2: each decoder layer, then the root, sharded across ranks (HSDP with parallel.replicate > 1:
+         sharded within each of `replicate` groups of `shard` ranks, replicated across them). reshard_after_forward
          true frees gathered weights after the forward (ZeRO-3), false keeps them to the
          backward (ZeRO-2). bf16 runs use MixedPrecisionPolicy (bf16 params and compute, fp32
          gradient reduction); cpu_offload keeps shards, gradients and optimizer state on the host.
@@ -43,6 +44,11 @@ def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig, dtype: str, device: 
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if cfg.replicate > 1 or cfg.shard is not None:  # HSDP: shard within a replica, all-reduce across replicas
+        try:
+            kwargs["mesh"] = distributed.data_parallel_mesh(device, cfg.replicate, cfg.shard)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     for layer in _decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
