@@ -21,6 +21,7 @@ from test_distributed import _torchrun  # noqa: E402
 from tinyrun import run_config, step_records  # noqa: E402
 from zeropad.config import build_config  # noqa: E402
 from zeropad.data.chat import Sample  # noqa: E402
+from zeropad.errors import ConfigError  # noqa: E402
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, step_packs  # noqa: E402
 from zeropad.train.loop import train  # noqa: E402
 from zeropad.train.state import checkpoint_root  # noqa: E402
@@ -122,6 +123,11 @@ def test_regrouped_resume_takes_the_packs_the_uninterrupted_run_would(tmp_path, 
     for key in ("epoch", "index", "tokens_seen"):
         assert end_regrouped[key] == end_whole[key], key
     assert (end_regrouped["world_size"], end_regrouped["grad_accum"]) == (1, 1)
+
+    # bigger packs: an epoch of fewer packs than the checkpoint's 8 done, a position this data lacks
+    with pytest.raises(ConfigError, match=r"8 packs into epoch 0, but this run's data makes \d packs an epoch"):
+        _train_here(_config(tmp_path, tmp_path / "bigger", grad_accum=1, pack={"max_tokens": 512},
+                            resume=str(checkpoint_root(whole) / "step_000004")))
 
 
 _DAMAGED_ON_RANK_1 = """
