@@ -66,7 +66,13 @@ class RunGuard:
 
     def resume(self) -> int:
         """Restore the state `resume:` asks for; the step the run continues after (0 when fresh).
-        metrics.jsonl keeps only the records up to that step, so it reads as one uninterrupted run."""
+        metrics.jsonl keeps only the records up to that step, so it reads as one uninterrupted run.
+
+        The data position is packs done, (epoch, index): packs are planned from the data and seed alone,
+        so it names the same samples under any world_size x grad_accum, and a run resumed with another
+        grouping continues at the same pack. `step` counts optimizer steps whatever their size: the LR
+        schedule, train.steps and the checkpoint and eval intervals continue by optimizer steps, each
+        taking this run's world_size x grad_accum packs from there on."""
         root, mode = checkpoint_root(self.output_dir), self.cfg.resume
         found = None
         if mode is None:
@@ -88,6 +94,7 @@ class RunGuard:
                 _trim_metrics(self.output_dir / "metrics.jsonl", None)
             return 0
         path, self.position = found
+        self._check_data_position(path)
         changed = _changed_keys(json.loads((path / "config.json").read_text()), json.loads(self.cfg.model_dump_json()))
         if changed:
             self.say(f"resume: config differs from the checkpoint's in {', '.join(changed)}; the optimizer and LR "
@@ -101,8 +108,19 @@ class RunGuard:
             _trim_metrics(self.output_dir / "metrics.jsonl", self.position.step)
         distributed.barrier()
         self.say(f"resumed from {path} at step {self.position.step} "
-                 f"(epoch {self.position.epoch}, {self.position.index} packs into it)")
+                 f"(epoch {self.position.epoch}, {self.position.index} packs into it)"
+                 f"{_grouping_note(self.position, distributed.world_size(), self.cfg.train.grad_accum)}")
         return self.position.step
+
+    def _check_data_position(self, path: Path) -> None:
+        """Refuse a data position this run's packs do not have (the pack plan changed: other data,
+        pack.max_tokens or train.seed): the loader would silently start the next epoch instead."""
+        per_epoch = getattr(self.loader, "packs_per_epoch", None)  # a streaming loader does not know it
+        if per_epoch is not None and self.position.index > per_epoch:
+            raise ConfigError(
+                f"resume: {path} is {self.position.index} packs into epoch {self.position.epoch}, but this run's "
+                f"data makes {per_epoch} packs an epoch (the data, pack.max_tokens or train.seed changed), so "
+                "its data position does not exist here; resume with the data and packing it was trained with")
 
     def observe(self, record: dict, skipped: bool) -> None:
         """Count the step; mark it in its metrics record when its update was skipped (loop.StepResult.skipped)."""
@@ -149,6 +167,7 @@ class RunGuard:
         if self.saved_step == self.position.step:
             return
         self.position.epoch, self.position.index = self.loader.epoch, self.loader.index
+        self.position.world_size, self.position.grad_accum = distributed.world_size(), self.cfg.train.grad_accum
         path = save_checkpoint(self.output_dir, self.position, self.model, self.optimizer, self.scheduler,
                                self.tokenizer, self.cfg.model_dump_json(indent=2))
         if distributed.is_main():
@@ -173,6 +192,22 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif old.get(key) != new.get(key):
             changed.append(dotted)
     return changed
+
+
+def _grouping_note(saved: Position, world_size: int, grad_accum: int) -> str:
+    """The resume message's words on a changed world_size x grad_accum ('' when unchanged or unknown)."""
+    if saved.world_size is None or saved.grad_accum is None:  # written before zeropad recorded it
+        return ""
+    if (saved.world_size, saved.grad_accum) == (world_size, grad_accum):
+        return ""
+    before, now = saved.world_size * saved.grad_accum, world_size * grad_accum
+    grouping = (f"; saved with {saved.world_size} rank(s) x grad_accum {saved.grad_accum}, now {world_size} x "
+                f"{grad_accum}")
+    if before == now:
+        return f"{grouping}: the same {now} packs per optimizer step, so the run continues as it would have"
+    return (f"{grouping}: regrouped from {before} to {now} packs per optimizer step; the data continues at the "
+            f"same pack, and steps (the LR schedule, train.steps, checkpoint and eval intervals) still count "
+            f"optimizer steps, now of {now} packs each")
 
 
 def _trim_metrics(path: Path, step: int | None) -> None:

@@ -76,6 +76,10 @@ class Position:
     bad_steps: int = 0  # non-finite updates skipped so far (the consecutive count restarts on resume)
     epoch: int = 0
     index: int = 0  # packs of `epoch` already trained on
+    # The grouping that wrote it (None: a checkpoint from before it was recorded). Packs are planned
+    # from data and seed alone, so (epoch, index) is the same data position under any grouping.
+    world_size: int | None = None
+    grad_accum: int | None = None
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -260,9 +264,27 @@ def _set_rng_state(state: dict) -> None:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> Position:
     """Restore everything from checkpoint `path` into the live objects, resharded to this run's world
     size and strategy. CorruptCheckpoint when a file cannot be read; nothing is changed before every
-    small file has been read and the stored weights have been checked against the model's."""
-    verify(path)
+    small file has been read and the stored weights have been checked against the model's.
+
+    Under torchrun the ranks agree at each stage (`_on_every_rank`): when the checkpoint is unusable on
+    any rank, every rank raises CorruptCheckpoint at the same point, so all of them fall back to the same
+    previous checkpoint, and none keeps another's schedule or RNG state."""
+    device = next(model.parameters()).device
     legacy = _is_legacy(path)
+    trainer, rng, position, weights = _on_every_rank(path, device, lambda: _read_local(path, model, legacy))
+    if legacy:
+        state_legacy.set_state(model, weights, optimizer, trainer["optimizer"])
+    else:
+        _on_every_rank(path, device, lambda: _load_dcp(path, _app_state(model, optimizer)))
+    scheduler.load_state_dict(trainer["scheduler"])
+    _set_rng_state(rng)
+    return position
+
+
+def _read_local(path: Path, model, legacy: bool) -> tuple[dict, dict, Position, dict | None]:
+    """(trainer state, RNG states, position, legacy full weights or None): everything this rank reads
+    alone, no collective, with the stored weights checked against the model's."""
+    verify(path)
     try:
         trainer = torch.load(path / (state_legacy.TRAINER if legacy else SCHEDULER), weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
@@ -270,12 +292,32 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> Position:
     except Exception as err:  # any failure to read means the files are damaged, whatever its type
         raise CorruptCheckpoint(f"{path}: unreadable training state ({type(err).__name__}: {err})") from None
     if legacy:
-        state_legacy.set_state(model, _legacy_weights(path, model), optimizer, trainer["optimizer"])
-    else:
-        _load_dcp(path, model, _app_state(model, optimizer))
-    scheduler.load_state_dict(trainer["scheduler"])
-    _set_rng_state(rng)
-    return position
+        return trainer, rng, position, _legacy_weights(path, model)
+    _check_dcp_fits(path, model)
+    return trainer, rng, position, None
+
+
+def _on_every_rank(path: Path, device: torch.device, read):
+    """read() on this rank, then an all-reduce of every rank's outcome, so that no rank commits to a
+    checkpoint another could not read. A failing rank raises its own error; the others raise
+    CorruptCheckpoint when some rank found the checkpoint damaged (all fall back together) or ZeropadError
+    when some rank failed otherwise (all stop). One process: read() as it is."""
+    try:
+        result, error = read(), None
+    except Exception as err:
+        result, error = None, err
+    damaged = isinstance(error, CorruptCheckpoint)
+    n_damaged = distributed.all_reduce_sum(int(damaged), device)
+    n_failed = distributed.all_reduce_sum(int(error is not None and not damaged), device)
+    if n_failed:
+        if error is not None and not damaged:
+            raise error
+        raise ZeropadError(f"{path}: loading failed on {n_failed:.0f} other rank(s) (the error is printed there)")
+    if error is not None:
+        raise error
+    if n_damaged:
+        raise CorruptCheckpoint(f"{path}: unusable on {n_damaged:.0f} other rank(s) (the reason is printed there)")
+    return result
 
 
 def load_weights(path: Path, model) -> None:
@@ -285,7 +327,8 @@ def load_weights(path: Path, model) -> None:
     if _is_legacy(path):
         state_legacy.set_state(model, _legacy_weights(path, model))
     else:
-        _load_dcp(path, model, {"model": ModelState(model)})
+        _check_dcp_fits(path, model)
+        _load_dcp(path, {"model": ModelState(model)})
 
 
 def _is_legacy(path: Path) -> bool:
@@ -316,9 +359,9 @@ def check_fit(path: Path, expected: dict[str, tuple], stored: dict[str, tuple]) 
         )
 
 
-def _load_dcp(path: Path, model, state: dict[str, Stateful]) -> None:
-    """`state` (ModelState, OptimizerState) from the checkpoint's DCP shards, after checking that the
-    stored weights are this model's: DCP itself ignores stored tensors the model lacks."""
+def _check_dcp_fits(path: Path, model) -> None:
+    """The stored weights of the checkpoint's dcp/ are this model's (DCP itself ignores stored tensors
+    the model lacks); reads only the metadata, on this rank alone."""
     try:
         stored = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
     except Exception as err:  # a damaged or missing .metadata, whatever its type
@@ -326,6 +369,11 @@ def _load_dcp(path: Path, model, state: dict[str, Stateful]) -> None:
     check_fit(path, {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()},
               {key.removeprefix("model."): tuple(getattr(meta, "size", ())) for key, meta in stored.items()
                if key.startswith("model.")})
+
+
+def _load_dcp(path: Path, state: dict[str, Stateful]) -> None:
+    """`state` (ModelState, OptimizerState) from the checkpoint's DCP shards (a collective: every rank
+    calls it), once _check_dcp_fits has passed."""
     try:
         with _dcp_call():
             dcp.load(state, checkpoint_id=str(path / DCP_DIR), planner=_PlainDataLoadPlanner())
