@@ -15,10 +15,12 @@ wrapper's hooks fire as for the plain loss: DDP's gradient synchronisation, FSDP
 reshard and reduce-scatter. One forward serves both: the model's own forward with `logits_to_keep`
 an empty index (transformers' public argument: the LM head runs on no token), while a forward hook
 on the backbone (`_backbone`) keeps its last hidden state, the very tensor the LM head would read.
-The LM head's weight then goes into the chunked cross-entropy outside the forward. Under FSDP2 the
-head lives in the root module's parameter group, which `reshard_after_forward: true` shards again
-when the forward ends, so the root is unsharded (`FSDPModule.unshard`, public; a no-op when the
-forward kept it whole) before the weight is read. The chunked loss then saves the whole weight for
+(Not `output_hidden_states`: it would hold every layer's hidden state through the forward.) The
+empty logits still depend on the hidden state, so DDP's search for unused parameters (VLMs) finds
+every parameter the loss uses. The LM head's weight then goes into the chunked cross-entropy
+outside the forward. Under FSDP2 the head lives in the root module's parameter group, which
+`reshard_after_forward: true` shards again when the forward ends, so the root is unsharded
+(`FSDPModule.unshard`, public; a no-op when the forward kept it whole) before the weight is read. The chunked loss then saves the whole weight for
 its backward, and FSDP's own post-backward reduce-scatters the head's gradient and reshards the
 root, as it does after the plain loss. Without a backward (evaluation) the root is resharded here.
 """
