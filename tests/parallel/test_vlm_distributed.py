@@ -1,5 +1,6 @@
-"""A VLM under torchrun (gloo, 2 processes): DDP equals one process over the same packs, also on steps where
-a rank's pack holds no image (its vision tower gets no gradient there); FSDP is refused with a message."""
+"""A VLM under torchrun (gloo, 2 processes): DDP with the chunked loss equals one process with the plain loss over
+the same packs, also on steps where a rank's pack holds no image (its vision tower gets no gradient there); FSDP is
+refused with a message."""
 
 from __future__ import annotations
 
@@ -27,13 +28,13 @@ RECORDS = [conversation("<image>What colour?", "blue", ["a.png"]),
            conversation("Name a colour.", "green", [])]
 
 
-def _config(root: Path, name: str, grad_accum: int, **parallel) -> dict:
+def _config(root: Path, name: str, grad_accum: int, chunked: bool = False, **parallel) -> dict:
     data = root / "data.json"
     if not data.is_file():
         write_images_data(root, RECORDS, {"a.png": (90, 40), "b.png": (30, 70)})
     # a budget below two documents: one document per pack, so some packs (and steps) hold no image
     return vlm_run(root, data, name=name, pack={"max_tokens": 64}, train={"steps": 3, "grad_accum": grad_accum},
-                   memory={"chunked_loss": False}, parallel=parallel)
+                   memory={"chunked_loss": chunked, "loss_chunk_tokens": 8}, parallel=parallel)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,10 @@ def reference(tmp_path_factory) -> Path:
 def test_two_ranks_equal_one_process(reference):
     root, strategy = reference, "ddp"
     cfg_path = root / f"{strategy}.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(root, strategy, grad_accum=1, strategy=strategy)))
+    cfg_path.write_text(yaml.safe_dump(_config(root, strategy, grad_accum=1, chunked=True, strategy=strategy)))
     done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "chunked_loss is off" not in done.stdout + done.stderr
     expected, got = step_records(root / "one"), step_records(root / strategy)
     assert len(got) == 3
     for e, g in zip(expected, got, strict=True):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tinymodels import FAMILIES, tiny_model
 from zeropad.model.checkpointing import saved_activation_bytes
 from zeropad.pack.collate import IGNORE_INDEX, collate
+from zeropad.parallel.sharding import unwrap
 from zeropad.train.loop import StepSetup, accumulate_gradients
 from zeropad.train.loss import chunked_cross_entropy_sum, chunked_loss_unsupported, token_loss_sum
 from zeropad.verify import random_documents
@@ -87,11 +88,12 @@ def test_chunked_loss_saves_no_logits():
 
 
 def _step(model, chunk_tokens):
+    """(loss, gradients by parameter name) of one step; `model` may be wrapped (DDP)."""
     model.zero_grad(set_to_none=True)
-    packs = [collate(random_documents(model.config.vocab_size, lengths, seed=i))
+    packs = [collate(random_documents(unwrap(model).config.vocab_size, lengths, seed=i))
              for i, lengths in enumerate([[37, 5, 60], [21, 44]])]
     loss, _ = accumulate_gradients(StepSetup(model, loss_chunk_tokens=chunk_tokens), packs)
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss, {n: p.grad.clone() for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("model_args", [(f, {}) for f in FAMILIES] + [("qwen3", {"tie_word_embeddings": True})],
@@ -103,6 +105,33 @@ def test_training_step_is_unchanged(model_args):
     loss, grads = _step(model, 16)
     ref_loss, ref_grads = _step(model, None)
     assert abs(loss - ref_loss) <= 1e-6
+    for name, grad in grads.items():
+        assert (grad - ref_grads[name]).abs().max().item() <= 1e-5, name
+
+
+def test_through_a_ddp_wrapped_lora_model():
+    """The chunked loss runs the wrapper's forward (DDP's hooks fire), here around a peft model whose head is
+    not adapted: the loss and adapter gradients of the plain loss on the bare model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from zeropad.config import LoraConfig
+    from zeropad.model.lora import apply_lora
+
+    model = apply_lora(tiny_model("qwen3"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).train()
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # peft starts B at zero; non-zero, so the adapters matter
+    assert chunked_loss_unsupported(model) is None
+    ref_loss, ref_grads = _step(model, None)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        loss, grads = _step(DistributedDataParallel(model), 16)
+    finally:
+        dist.destroy_process_group()
+    assert abs(loss - ref_loss) <= 1e-6
+    assert grads.keys() == ref_grads.keys() and all("lora_" in name for name in grads)
     for name, grad in grads.items():
         assert (grad - ref_grads[name]).abs().max().item() <= 1e-5, name
 

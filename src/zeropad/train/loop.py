@@ -324,8 +324,6 @@ def _loss_chunking(cfg: Config, model) -> tuple[int | None, str | None]:
     if not cfg.memory.chunked_loss:
         return None, None
     reason = chunked_loss_unsupported(model)
-    if distributed.world_size() > 1:
-        reason = "not yet supported with parallel.strategy ddp/fsdp (it calls the decoder, not the wrapper)"
     return (None, reason) if reason else (cfg.memory.loss_chunk_tokens, None)
 
 

@@ -9,14 +9,30 @@ The chunked loss never builds the [T, V] logits: the LM head and the cross-entro
 of C tokens, and backward recomputes each chunk's logits. The loss buffers then peak at about one
 [C, V] fp32 chunk plus the weight gradient, instead of three [T, V] fp32 tensors (at V = 151,936
 and T = 16k, 10 GB each; benchmarks/memory.py). Suffixes: T tokens, H hidden, V vocabulary, C chunk.
+
+The chunked loss runs the model as the loop holds it, DDP or FSDP2 wrapper included, so the
+wrapper's hooks fire as for the plain loss: DDP's gradient synchronisation, FSDP's all-gather,
+reshard and reduce-scatter. One forward serves both: the model's own forward with `logits_to_keep`
+an empty index (transformers' public argument: the LM head runs on no token), while a forward hook
+on the backbone (`_backbone`) keeps its last hidden state, the very tensor the LM head would read.
+(Not `output_hidden_states`: it would hold every layer's hidden state through the forward.) The
+empty logits still depend on the hidden state, so DDP's search for unused parameters (VLMs) finds
+every parameter the loss uses. The LM head's weight then goes into the chunked cross-entropy
+outside the forward. Under FSDP2 the head lives in the root module's parameter group, which
+`reshard_after_forward: true` shards again when the forward ends, so the root is unsharded
+(`FSDPModule.unshard`, public; a no-op when the forward kept it whole) before the weight is read. The chunked loss then saves the whole weight for
+its backward, and FSDP's own post-backward reduce-scatters the head's gradient and reshards the
+root, as it does after the plain loss. Without a backward (evaluation) the root is resharded here.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from zeropad.pack.collate import IGNORE_INDEX
+from zeropad.parallel.sharding import unwrap
 
 
 def token_loss_sum(logits_TV: torch.Tensor, target_ids_T: torch.Tensor) -> torch.Tensor:
@@ -146,13 +162,31 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     return base.model
 
 
+def _last_hidden_state(model: torch.nn.Module, model_inputs: dict, no_logits: torch.Tensor) -> torch.Tensor:
+    """The backbone's last hidden state [T, H], from the forward of `model` as given (its wrapper included);
+    `no_logits`, an empty index, keeps the LM head from building any logits."""
+    captured = []
+    hook = _backbone(unwrap(model)).register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+    try:
+        model(**model_inputs, logits_to_keep=no_logits)
+    finally:
+        hook.remove()
+    return captured[0][0]
+
+
 def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.Tensor,
                 chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed token loss of a causal LM on one pack: the plain way (the model's logits), or with
-    `chunk_tokens`, the decoder's last hidden state through the chunked LM-head loss. Run it under
-    the forward's autocast; both ways give the same loss and gradients."""
+    `chunk_tokens`, the last hidden state through the chunked LM-head loss. `model` may be wrapped
+    (DDP, FSDP2). Run it under the forward's autocast; both ways give the same loss and gradients."""
     if chunk_tokens is None:
         return token_loss_sum(model(**model_inputs).logits[0], target_ids_T)
-    hidden_TH = _backbone(model)(**model_inputs).last_hidden_state[0]
-    head = model.get_output_embeddings()
-    return chunked_cross_entropy_sum(hidden_TH, head.weight, head.bias, target_ids_T, chunk_tokens)
+    hidden_TH = _last_hidden_state(model, model_inputs, target_ids_T.new_empty(0))
+    fsdp = isinstance(model, FSDPModule)
+    if fsdp:
+        model.unshard()  # the root holds the LM head; reshard_after_forward=true sharded it after the forward
+    head = unwrap(model).get_output_embeddings()
+    loss = chunked_cross_entropy_sum(hidden_TH, head.weight, head.bias, target_ids_T, chunk_tokens)
+    if fsdp and not torch.is_grad_enabled():
+        model.reshard()  # no backward follows to reshard the root (FSDP's post-backward does in training)
+    return loss

@@ -1,0 +1,71 @@
+"""The chunked loss under torchrun (gloo, 2 processes): DDP and FSDP2 with memory.chunked_loss=true equal one
+process with the plain loss over the same packs (losses, gradient norms, eval losses, final weights)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from test_distributed import _final_weights, _torchrun  # noqa: E402
+from tinyrun import run_config, step_records  # noqa: E402
+from zeropad.config import build_config  # noqa: E402
+from zeropad.train.loop import train  # noqa: E402
+
+STEPS = 3
+
+
+def _config(root: Path, output_dir: Path, grad_accum: int, chunked: bool, **parallel) -> dict:
+    # 5-token chunks: every pack's loss spans several chunks. The eval after step 2 runs the chunked loss
+    # without a backward (FSDP: the gathered root is resharded) between two training steps.
+    return run_config(root, output_dir, train={"steps": STEPS, "grad_accum": grad_accum},
+                      memory={"chunked_loss": chunked, "loss_chunk_tokens": 5}, eval={"split": 0.1, "every_steps": 2},
+                      parallel=parallel)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """One process, the plain loss, grad_accum 4: the packs 2 ranks x 2 micro-steps see per step."""
+    root = tmp_path_factory.mktemp("chunked-dist")
+    out = root / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1)
+    try:
+        train(build_config(_config(root, out, grad_accum=4, chunked=False)))
+    finally:
+        torch.set_num_threads(threads)
+    return root, out
+
+
+@pytest.mark.parametrize("parallel", [
+    {"strategy": "ddp"},
+    {"strategy": "fsdp", "reshard_after_forward": True},
+    {"strategy": "fsdp", "reshard_after_forward": False},
+], ids=["ddp", "fsdp-zero3", "fsdp-zero2"])
+def test_chunked_loss_on_two_ranks_equals_plain_loss_on_one(reference, parallel):
+    root, one = reference
+    name = "chunked-" + "-".join(f"{v}" for v in parallel.values())
+    out = root / name
+    cfg_path = root / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(root, out, grad_accum=2, chunked=True, **parallel)))
+    done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "chunked_loss is off" not in log
+
+    expected, got = step_records(one), step_records(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [("eval_loss" in r) for r in got] == [False, True, False]
+    for e, g in zip(expected, got, strict=True):
+        assert abs(e["loss"] - g["loss"]) <= 1e-5, (e["step"], e["loss"], g["loss"])
+        assert abs(e["grad_norm"] - g["grad_norm"]) <= 1e-5, (e["step"], e["grad_norm"], g["grad_norm"])
+        assert abs(e.get("eval_loss", 0.0) - g.get("eval_loss", 0.0)) <= 1e-5, e["step"]
+        assert (e["tokens"], e["target_tokens"]) == (g["tokens"], g["target_tokens"])
+    expected_w, got_w = _final_weights(one), _final_weights(out)
+    assert expected_w.keys() == got_w.keys()
+    for key in expected_w:
+        assert (expected_w[key] - got_w[key]).abs().max().item() <= 1e-5, key
