@@ -72,9 +72,7 @@ def test_readme_documents_every_key():
         assert f"`{key}`" in readme, f"README config reference misses {key}"
 
 
-def test_combinations_are_refused_from_the_config_alone():
-    with pytest.raises(ConfigError) as err:
-        build_config({"model": {"lora": {}}, "parallel": {"strategy": "fsdp"}})
-    assert str(err.value) == ("config error: model.lora with parallel.strategy=fsdp is not yet supported: use "
-                              "parallel.strategy=ddp")
-    build_config({"model": {"lora": {}}, "parallel": {"strategy": "ddp"}})
+def test_lora_combines_with_every_parallel_strategy():
+    for strategy in ("none", "ddp", "fsdp"):
+        cfg = build_config({"model": {"lora": {}}, "parallel": {"strategy": strategy}})
+        assert cfg.model.lora is not None and cfg.parallel.strategy == strategy

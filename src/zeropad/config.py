@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zeropad.errors import ConfigError
 
@@ -163,7 +163,8 @@ class CheckpointConfig(_Strict):
 class ParallelConfig(_Strict):
     strategy: Literal["none", "ddp", "fsdp"] = Field(
         "none", description="Data parallelism under torchrun: none (one process), ddp (whole model per rank, "
-        "gradients all-reduced) or fsdp (FSDP2 fully_shard of each decoder layer and the root).",
+        "gradients all-reduced) or fsdp (FSDP2 fully_shard of each decoder layer, a VLM's vision blocks, tower "
+        "and projector, and the root).",
     )
     reshard_after_forward: bool = Field(
         True, description="fsdp: free gathered weights after the forward (ZeRO-3, less memory) or keep them "
@@ -189,13 +190,6 @@ class Config(_Strict):
         "newest usable checkpoint in OUTPUT_DIR (fresh if none); or a checkpoint directory to continue from.",
     )
     output_dir: str = Field("runs/zeropad", description="Where metrics, plots, checkpoints and the model go.")
-
-    @model_validator(mode="after")
-    def _combinations(self) -> Config:
-        """What is refused from the config alone, before anything is loaded."""
-        if self.model.lora is not None and self.parallel.strategy == "fsdp":
-            raise ValueError("model.lora with parallel.strategy=fsdp is not yet supported: use parallel.strategy=ddp")
-        return self
 
 
 def _model_at(path: tuple) -> type[BaseModel] | None:
@@ -223,8 +217,6 @@ def _explain(err: ValidationError) -> str:
             close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
             lines.append(f"unknown key '{key}'{hint}")
-        elif not e["loc"]:  # a combination of keys (Config._combinations)
-            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
     return "config error: " + "; ".join(lines)
