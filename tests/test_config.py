@@ -74,9 +74,12 @@ def test_readme_documents_every_key():
 
 def test_combinations_are_refused_from_the_config_alone():
     with pytest.raises(ConfigError) as err:
-        build_config({"model": {"lora": {}}, "parallel": {"strategy": "fsdp"}})
-    assert str(err.value) == ("config error: model.lora with parallel.strategy=fsdp is not yet supported: use "
-                              "parallel.strategy=ddp")
-    build_config({"model": {"lora": {}}, "parallel": {"strategy": "ddp"}})
-    with pytest.raises(ConfigError, match="HSDP"):
         build_config({"parallel": {"strategy": "ddp", "replicate": 2}})
+    assert str(err.value) == ("config error: parallel.replicate / parallel.shard (HSDP) are FSDP options: set "
+                              "parallel.strategy=fsdp")
+
+
+def test_lora_combines_with_every_parallel_strategy():
+    for strategy in ("none", "ddp", "fsdp"):
+        cfg = build_config({"model": {"lora": {}}, "parallel": {"strategy": strategy}})
+        assert cfg.model.lora is not None and cfg.parallel.strategy == strategy

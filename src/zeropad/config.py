@@ -163,7 +163,8 @@ class CheckpointConfig(_Strict):
 class ParallelConfig(_Strict):
     strategy: Literal["none", "ddp", "fsdp"] = Field(
         "none", description="Data parallelism under torchrun: none (one process), ddp (whole model per rank, "
-        "gradients all-reduced) or fsdp (FSDP2 fully_shard of each decoder layer and the root).",
+        "gradients all-reduced) or fsdp (FSDP2 fully_shard of each decoder layer, a VLM's vision blocks, tower "
+        "and projector, and the root).",
     )
     reshard_after_forward: bool = Field(
         True, description="fsdp: free gathered weights after the forward (ZeRO-3, less memory) or keep them "
@@ -198,8 +199,6 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _combinations(self) -> Config:
         """What is refused from the config alone, before anything is loaded."""
-        if self.model.lora is not None and self.parallel.strategy == "fsdp":
-            raise ValueError("model.lora with parallel.strategy=fsdp is not yet supported: use parallel.strategy=ddp")
         if (self.parallel.replicate > 1 or self.parallel.shard is not None) and self.parallel.strategy != "fsdp":
             raise ValueError("parallel.replicate / parallel.shard (HSDP) are FSDP options: set parallel.strategy=fsdp")
         return self

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 # The image sentinels ChameleonProcessor inserts around each image when its tokenizer names none.
 CHAMELEON_BOI, CHAMELEON_EOI = "<racm3:break>", "<eoss>"
@@ -89,6 +90,21 @@ class MediaFamily:
 
 def _grids(grids) -> tuple[int, list]:
     return (0, []) if grids is None else (len(grids), list(grids))
+
+
+def random_pixels(config, family: MediaFamily, grid, rng: np.random.Generator) -> torch.Tensor:
+    """pixel_values of one image of patch grid (t, h, w) in the layout the family's vision side takes: Qwen
+    [t*h*w, C*tp*p*p] rows, Kimi [t*h*w, 3, p, p] patches, early fusion [1, 3, R, R]."""
+    if family.vq_resolution is not None:
+        shape = (1, 3, family.vq_resolution, family.vq_resolution)
+    else:
+        vision, (t, h, w) = config.vision_config, grid
+        p = vision.patch_size
+        if family.mrope:
+            shape = (t * h * w, getattr(vision, "in_channels", 3) * vision.temporal_patch_size * p * p)
+        else:
+            shape = (t * h * w, 3, p, p)
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
 
 
 def chameleon_image_tokens(config) -> int:

@@ -40,7 +40,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 
 from zeropad.data.chat import Sample
 from zeropad.errors import ConfigError
-from zeropad.family import media_family
+from zeropad.family import media_family, random_pixels
 from zeropad.model.attention import ATTN_NAME, _no_mask, family, varlen_attention_forward
 from zeropad.model.support import check_packable
 from zeropad.model.vlm import packed_attn_implementation, position_rule, unpacked_inputs
@@ -353,7 +353,7 @@ def media_documents(model, doc_lengths: list[int], rng: np.random.Generator) -> 
             docs.append(Sample(text, np.ones(len(text), dtype=bool)))
             continue
         grid = (1, 2 * family.merge_size, 2 * family.merge_size * (1 + i // 2 % 3))
-        pixels = _random_pixels(config, family, grid, rng)
+        pixels = random_pixels(config, family, grid, rng)
         n_image = family.num_image_tokens(grid)
         marker = [family.vision_start_token_id, *[family.image_token_id] * n_image, family.vision_end_token_id]
         half = len(text) // 2
@@ -365,18 +365,3 @@ def media_documents(model, doc_lengths: list[int], rng: np.random.Generator) -> 
             media["image_grid_thw"] = torch.tensor([grid])
         docs.append(Sample(ids, is_target, media))
     return docs
-
-
-def _random_pixels(config, family, grid, rng: np.random.Generator) -> torch.Tensor:
-    """pixel_values of one image: Qwen [t*h*w, C*tp*p*p] rows, Kimi [t*h*w, 3, p, p] patches, early fusion
-    [1, 3, R, R]."""
-    if family.vq_resolution is not None:
-        shape = (1, 3, family.vq_resolution, family.vq_resolution)
-    else:
-        vision, (t, h, w) = config.vision_config, grid
-        p = vision.patch_size
-        if family.mrope:
-            shape = (t * h * w, getattr(vision, "in_channels", 3) * vision.temporal_patch_size * p * p)
-        else:
-            shape = (t * h * w, 3, p, p)
-    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))

@@ -29,7 +29,7 @@ from zeropad.model.support import check_packable
 from zeropad.model.vlm import check_attn_implementation, position_rule
 from zeropad.parallel import distributed
 from zeropad.plan.fit import resolve_checkpointing
-from zeropad.parallel.sharding import full_state_dict, gradient_sync, loss_scale, parallelize, unwrap
+from zeropad.parallel.sharding import VisionCalls, full_state_dict, gradient_sync, loss_scale, parallelize, unwrap
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
 from zeropad.train.guard import RunGuard, StopSignals
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
@@ -71,6 +71,7 @@ class StepSetup:
     loss_chunk_tokens: int | None = None  # set: the [T, V] logits are never built (train/loss.py)
     activations: object = field(default_factory=contextlib.nullcontext)  # checkpointing.activation_context
     router: RouterStats | None = None  # an MoE model's routers (train/moe.py)
+    vision: VisionCalls | None = None  # an FSDP-sharded VLM: equal vision tower calls on every rank (sharding.py)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int |
     scale = loss_scale(model)  # DDP averages over ranks; the global mean needs their sum
     device = packs[0].input_ids.device
     loss_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)  # read once, at the end
+    if setup.vision is not None:
+        setup.vision.plan(packs)
     for i, pack in enumerate(packs):
         with gradient_sync(model, enabled=i == len(packs) - 1), setup.activations:
             loss = forward_loss_sum(model, pack, setup.autocast, setup.loss_chunk_tokens) / num_targets
@@ -228,7 +231,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     optimizer = build_optimizer(model, cfg.train)
     setup = StepSetup(model, optimizer, build_scheduler(optimizer, cfg.train), _autocast(cfg, device),
                       cfg.train.grad_clip, loss_chunk_tokens, activation_context(cfg.memory, device),
-                      RouterStats.attach(model, cfg.train.router_aux_loss_coef))
+                      RouterStats.attach(model, cfg.train.router_aux_loss_coef), VisionCalls.attach(model))
     guard = RunGuard(cfg, model, optimizer, setup.scheduler, loader, tokenizer, stop)
     start = guard.resume()  # before the logger appends: metrics.jsonl keeps only records up to `start`
     logger = MetricsLogger(output_dir, cfg.log.tensorboard, enabled=main)
@@ -310,10 +313,6 @@ def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
             check_attn_implementation(base_model)
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
-    if processor is not None and distributed.world_size() > 1 and cfg.parallel.strategy == "fsdp":
-        # A rank whose pack holds no image skips the vision tower, and FSDP's collectives then disagree.
-        raise ConfigError("a vision-language model with parallel.strategy=fsdp is not yet supported (a rank with "
-                          "no image in its pack would skip the vision tower's collectives): use parallel.strategy=ddp")
     apply_checkpointing(model, resolve_checkpointing(cfg, model))
     model.train()
     return base_model, model, groups
@@ -332,11 +331,14 @@ def _save_final(cfg: Config, model, tokenizer, processor, logger: MetricsLogger,
     """final/ as a plain Hugging Face directory (rank 0 writes it), loss.png and summary.json."""
     output_dir = Path(cfg.output_dir)
     final_dir = output_dir / "final"
-    full_weights = full_state_dict(model)  # FSDP: gathered on every rank (a collective); else None
-    model = merged_for_export(unwrap(model))  # LoRA adapters merged in: final/ is a plain Hugging Face model
+    full_weights = full_state_dict(model)  # FSDP: gathered to rank 0 (a collective); else None
     if not distributed.is_main():
-        return TrainResult(model, tokenizer, output_dir, loss, eval_loss, report)
-    model.save_pretrained(final_dir, state_dict=full_weights)
+        return TrainResult(unwrap(model), tokenizer, output_dir, loss, eval_loss, report)
+    if full_weights is not None:  # FSDP: into a plain copy, whose class save_pretrained knows (its key names)
+        model = build_model(cfg.model, weights=False, lora=True)
+        model.load_state_dict(full_weights)
+    model = merged_for_export(unwrap(model))  # LoRA adapters merged in: final/ is a plain Hugging Face model
+    model.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
     if processor is not None:
         processor.save_pretrained(final_dir)  # final/ is a complete VLM directory: it trains and loads again
