@@ -64,6 +64,12 @@ class Setup:
     loss_chunk_tokens: int = 1024
     backend: str = "cuda"  # cuda: flash/varlen attention; cpu: per-document SDPA
     grad_accum: int = 1
+    replicate: int = 1  # HSDP: the devices form `replicate` groups; states are sharded within a group
+
+    @property
+    def shards(self) -> int:
+        """Devices the sharded model states are divided over: all of them, or one HSDP replica's."""
+        return self.num_devices // self.replicate
 
 
 @dataclass
@@ -91,8 +97,9 @@ def model_states(num_params: int, setup: Setup, num_trainable: int | None = None
     rows = []
     for name, (per_param, count, note) in sizes.items():
         sharded = name in STRATEGIES[setup.strategy]
-        total = per_param * count / (setup.num_devices if sharded else 1)
-        note += f", sharded /{setup.num_devices}" if sharded and setup.num_devices > 1 else ""
+        total = per_param * count / (setup.shards if sharded else 1)
+        note += f", sharded /{setup.shards}" if sharded and setup.shards > 1 else ""
+        note += f" (HSDP: {setup.replicate} replicas)" if sharded and setup.replicate > 1 else ""
         # zeropad frees gradients after each optimizer step (zero_grad(set_to_none=True)): with one
         # micro-step they never meet the activations; with accumulation they are there all along.
         phase = "step" if name == "gradients" and setup.grad_accum == 1 else "always"
@@ -101,6 +108,18 @@ def model_states(num_params: int, setup: Setup, num_trainable: int | None = None
         else:
             rows.append(Component(name, total, 0.0, note, phase))
     return rows
+
+
+def host_per_rank(num_params: int, largest_tensor: int, setup: Setup) -> dict[str, float]:
+    """Host memory per rank outside the training step, in bytes, as zeropad does it today: every rank builds the
+    whole fp32 model and reads its checkpoint before sharding (`load`: 4 B/param, plus the largest tensor being
+    read), and at the end FSDP gathers the full weights on every rank's host (`export`), rank 0 also building the
+    plain model it saves (`export_rank0`). DDP and one process save the model they hold."""
+    whole = 4.0 * num_params
+    sharded = setup.strategy in ("zero3", "offload") and setup.num_devices > 1
+    return {"load": whole + 4.0 * largest_tensor,
+            "export": whole if sharded else 0.0,
+            "export_rank0": 2 * whole if sharded else 0.0}
 
 
 def _rmsnorm(width: int, rows: int, in_bytes: int) -> int:

@@ -14,7 +14,7 @@ from zeropad.plan.arch import Arch, arch_of
 from zeropad.plan.fit import (MARGIN, Option, budget_bytes, detect_device_bytes, options, parse_size, recommend,
                               setup_from_config)
 from zeropad.plan.memory import (GB, OPTIMIZER_STATE_BYTES, PRECISIONS, STRATEGIES, Component, Setup, device_total,
-                                 model_states, plan)
+                                 host_per_rank, model_states, plan)
 
 
 def fmt_bytes(n: float) -> str:
@@ -74,6 +74,7 @@ def build(a: Arch, setup: Setup, tokens: int, device_bytes: float | None) -> dic
         "model_states_by_strategy": {k: {"device_bytes": d, "host_bytes": h}
                                      for k, (d, h) in _states_by_strategy(a, setup).items()},
         "device_memory_bytes": device_bytes,
+        "host_per_rank_bytes": host_per_rank(a.num_params, max(a.num_head_params, a.vocab * a.hidden), setup),
     }
     if opts is not None:
         result["options"] = [asdict(o) for o in opts]
@@ -91,7 +92,9 @@ def render(result: dict) -> str:
     s, a = result["setup"], result["model"]
     lines = [
         f"model: {a['description']}, {a['num_layers']} layers, hidden {a['hidden']}, vocab {a['vocab']}",
-        f"setup: {s['precision']}, {s['optimizer']}, {s['strategy']} on {s['num_devices']} device(s), "
+        f"setup: {s['precision']}, {s['optimizer']}, {s['strategy']} on {s['num_devices']} device(s)"
+        + (f" as {s['replicate']} HSDP replicas of {s['num_devices'] // s['replicate']}" if s["replicate"] > 1 else "")
+        + ", "
         f"pack.max_tokens={result['tokens']}, checkpointing {s['checkpointing']}, "
         f"{'chunked' if s['chunked_loss'] else 'plain'} loss, {s['backend']} attention path",
     ]
@@ -106,6 +109,10 @@ def render(result: dict) -> str:
         f"{k} {fmt_bytes(v['device_bytes'])}" + (f" (+{fmt_bytes(v['host_bytes'])} host)" if v["host_bytes"] else "")
         for k, v in result["model_states_by_strategy"].items())
     lines += ["", f"model states per device by strategy: {by_strategy}"]
+    host = result["host_per_rank_bytes"]
+    lines.append(f"host memory per rank: loading {fmt_bytes(host['load'])} (every rank builds the whole fp32 model "
+                 "before sharding)" + (f"; final/ {fmt_bytes(host['export'])} (full weights gathered on every "
+                                       f"rank), rank 0 {fmt_bytes(host['export_rank0'])}" if host["export"] else ""))
     device_bytes = result["device_memory_bytes"]
     if device_bytes is None:
         lines += ["", "no device memory known: pass --device-memory (e.g. 80GB) for a recommendation"]
@@ -139,8 +146,11 @@ def run(cfg: Config, *, num_devices: int, device_memory: str | None, strategy: s
         if value is not None and value not in known:
             raise ConfigError(f"{name} {value}: must be one of {', '.join(known)}")
     on_cpu = cfg.train.device == "cpu"
+    replicate = cfg.parallel.replicate if num_devices > 1 else 1
+    if num_devices % replicate:
+        raise ConfigError(f"parallel.replicate ({replicate}) must divide --devices ({num_devices})")
     setup = setup_from_config(
-        cfg, "cpu" if on_cpu else "cuda", num_devices=num_devices, optimizer=optimizer,
+        cfg, "cpu" if on_cpu else "cuda", num_devices=num_devices, optimizer=optimizer, replicate=replicate,
         strategy=strategy or ("none" if num_devices == 1 else "zero3"), precision=precision or cfg.train.dtype)
     if device_memory is not None:
         device_bytes = parse_size(device_memory)
