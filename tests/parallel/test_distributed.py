@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))  # the tiny run shared with the train tests
-from tinyrun import run_config, step_records  # noqa: E402
+from tinyrun import run_config, saved_initial_model, step_records  # noqa: E402
 from zeropad.config import build_config  # noqa: E402
 from zeropad.pack.planner import assign_packs_to_ranks, plan_packs, shuffle_packs  # noqa: E402
 from zeropad.train.loop import train  # noqa: E402
@@ -86,11 +86,13 @@ def test_two_ranks_equal_one_process(reference, parallel):
 
 def test_hsdp_two_replicas_of_two_shards_equal_one_process(reference):
     """HSDP on a 2 x 2 mesh (4 ranks, one micro-step each: the 4 packs the reference takes per step): sharded
-    within each replica, gradients all-reduced across replicas; the same training as one process."""
+    within each replica, gradients all-reduced across replicas; the same training as one process. The model
+    comes from safetensors (the reference's initial weights, saved): each rank reads its shards alone."""
     root, one = reference
     out = root / "hsdp"
     cfg_path = root / "hsdp.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(root, out, grad_accum=1, strategy="fsdp", replicate=2, shard=2)))
+    cfg = _config(root, out, grad_accum=1, strategy="fsdp", replicate=2, shard=2)
+    cfg_path.write_text(yaml.safe_dump(saved_initial_model(cfg, root / "initial")))
     done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root, nproc=4)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     for e, g in zip(step_records(one), step_records(out), strict=True):

@@ -1,5 +1,6 @@
 """FSDP2 on 2 gloo ranks equals one process (losses, grad norms, final weights within 1e-5, fp32) for the models
-the loop trains beyond a dense LM: an MoE LM, and LoRA (adapters trained, base frozen, final/ merged)."""
+the loop trains beyond a dense LM: an MoE LM (loaded from safetensors with per-expert tensors), and LoRA
+(adapters trained, base frozen, final/ merged; the base drawn shard by shard from model.config)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_distributed import _torchrun  # noqa: E402
-from tinyrun import run_config, step_records  # noqa: E402
+from tinyrun import run_config, saved_initial_model, step_records  # noqa: E402
 from zeropad.config import build_config  # noqa: E402
 from zeropad.model.load import build_model  # noqa: E402
 from zeropad.train.loop import train  # noqa: E402
@@ -43,7 +44,10 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, case):
     finally:
         torch.set_num_threads(threads)
     cfg_path = tmp_path / "fsdp.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(tmp_path, case, "fsdp", grad_accum=1, strategy="fsdp")))
+    cfg = _config(tmp_path, case, "fsdp", grad_accum=1, strategy="fsdp")
+    if case == "moe":  # from safetensors, whose per-expert tensors each rank reads and fuses for its shards alone
+        cfg = saved_initial_model(cfg, tmp_path / "initial")
+    cfg_path.write_text(yaml.safe_dump(cfg))
     done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 

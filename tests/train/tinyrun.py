@@ -47,3 +47,16 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def step_records(output_dir: Path) -> list[dict]:
     return [r for r in read_metrics(output_dir) if "loss" in r]
+
+
+def saved_initial_model(cfg: dict, directory: Path) -> dict:
+    """`cfg` with model.path: the initial weights a run from model.config draws (seed train.seed), saved there as
+    a Hugging Face safetensors directory: the run loads what the run from scratch would have started from."""
+    from zeropad.config import build_config
+    from zeropad.model.load import build_model
+
+    if not (directory / "config.json").is_file():
+        built = build_config(cfg)
+        build_model(built.model, seed=built.train.seed).save_pretrained(directory)
+    model = {key: value for key, value in cfg["model"].items() if key != "config"}
+    return {**cfg, "model": {**model, "path": str(directory)}}

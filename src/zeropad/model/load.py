@@ -19,6 +19,7 @@ from zeropad.config import ModelConfig
 from zeropad.errors import ConfigError, ZeropadError
 from zeropad.model import attention  # noqa: F401  (registers the zeropad_varlen attention)
 from zeropad.model.attention import ATTN_NAME
+from zeropad.model.init import init_weights
 from zeropad.model.lora import apply_lora
 from zeropad.model.vlm import packed_attn_implementation
 
@@ -77,7 +78,8 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
     """The one model builder (training, `zeropad plan`, export, verify): `cfg` -> an fp32 model on `device`.
 
     weights: read model.path's weights; otherwise (and always for a model from scratch) the weights are
-      initialised with `seed`, on the CPU, so they do not depend on `device`. On the meta device nothing is
+      initialised with `seed`, on the CPU, module by module (model/init.py), so they depend on neither `device`
+      nor how the model is sharded. On the meta device nothing is
       read or allocated: only shapes exist (the planner's model).
     attn_implementation: the backend (default model.attn_implementation), chosen by name, not patched in. A
       vision-language model gets zeropad_varlen in its language model only (model.vlm explains why).
@@ -91,13 +93,14 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
         attn = packed_attn_implementation()
     auto = auto_class(config)
     kwargs = dict(config=config, dtype=torch.float32, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
-    if device.type == "meta":
+    if path is not None and weights and device.type != "meta":
+        model = auto.from_pretrained(path, **kwargs).to(device)
+    else:
         with torch.device("meta"):
             model = auto.from_config(**kwargs)
-    else:
-        torch.manual_seed(seed)
-        model = auto.from_pretrained(path, **kwargs) if path is not None and weights else auto.from_config(**kwargs)
-        model = model.to(device)
+        if device.type != "meta":
+            init_weights(model, seed)  # module by module: the same weights as any sharded build (model/init.py)
+            model = model.to(device)
     model.config.get_text_config().use_cache = False  # a VLM's language model reads its own config
     return apply_lora(model, cfg.lora) if lora else model
 

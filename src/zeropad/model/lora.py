@@ -25,9 +25,10 @@ def is_adapted(model: torch.nn.Module) -> bool:
     return type(model).__module__.startswith("peft.")
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig | None) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig | None, seed: int | None = None) -> torch.nn.Module:
     """The model with LoRA adapters on `cfg.target_modules` (base weights frozen), or `model` itself
-    when `cfg` is None. peft's default init (B = 0) makes the adapted model start equal to the base."""
+    when `cfg` is None. peft's default init (B = 0) makes the adapted model start equal to the base; with `seed`,
+    the adapters' random init depends on it alone, not on how the base model was built (meta or not)."""
     if cfg is None:
         return model
     peft = _peft()
@@ -36,9 +37,28 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig | None) -> torch.nn.Modul
         task_type="CAUSAL_LM",
     )
     try:
-        return peft.get_peft_model(model, lora)
+        model = peft.get_peft_model(model, lora)
     except ValueError as err:  # peft names unmatched target modules in its ValueError
         raise ConfigError(f"model.lora.target_modules: {err}") from None
+    if seed is not None:
+        init_adapters(model, seed)
+    return model
+
+
+def adapter_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """peft's LoRA layers by name, in the order peft created (and initialised) them."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def init_adapters(model: torch.nn.Module, seed: int) -> None:
+    """peft's own adapter init (`reset_lora_parameters`), layer by layer in peft's order, from `seed` alone: the
+    same adapters whether the base model was built whole or on the meta device and sharded."""
+    torch.manual_seed(seed)
+    for _, layer in adapter_layers(model):
+        for adapter in layer.lora_A:
+            layer.reset_lora_parameters(adapter, True)
 
 
 def merged_for_export(model: torch.nn.Module) -> torch.nn.Module:

@@ -51,15 +51,17 @@ def device_for(requested: str) -> torch.device:
     return torch.device(kind)
 
 
-def init(device: torch.device, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
-    """Join the torchrun process group (once); a no-op for a single process."""
-    if not under_torchrun() or is_initialized():
+def init(device: torch.device, timeout: timedelta = DEFAULT_TIMEOUT, single: bool = False) -> None:
+    """Join the torchrun process group (once); a no-op for a single process, unless `single`: then a group of
+    this process alone (FSDP2 on one GPU, for parallel.cpu_offload, needs a process group)."""
+    if is_initialized() or not (under_torchrun() or single):
         return
+    store = {} if under_torchrun() else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device, **store)
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", timeout=timeout, **store)
 
 
 def barrier() -> None:

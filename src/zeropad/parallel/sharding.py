@@ -96,15 +96,20 @@ def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=vision)
 
 
-def parallelize(model: torch.nn.Module, cfg: ParallelConfig, dtype: str, device: torch.device) -> torch.nn.Module:
-    """The model wrapped for `parallel.strategy`; call after build/LoRA/checkpointing, before the optimizer."""
+def check_parallel(cfg: ParallelConfig, device: torch.device) -> None:
+    """What `parallelize` would refuse for these settings on `device`, refused before any work."""
     if cfg.cpu_offload and cfg.strategy != "fsdp":
         raise ConfigError("parallel.cpu_offload is an FSDP option: set parallel.strategy=fsdp")
     if cfg.cpu_offload and device.type != "cuda":
         raise ConfigError("parallel.cpu_offload moves FSDP shards from the GPU to host memory; training on "
                           f"{device.type} they are in host memory already: set parallel.cpu_offload=false")
-    if cfg.strategy == "none" or distributed.world_size() == 1:
-        return model  # one process: nothing to shard or synchronise
+
+
+def parallelize(model: torch.nn.Module, cfg: ParallelConfig, dtype: str, device: torch.device) -> torch.nn.Module:
+    """The model wrapped for `parallel.strategy`; call after build/LoRA/checkpointing, before the optimizer."""
+    check_parallel(cfg, device)
+    if cfg.strategy == "none" or (distributed.world_size() == 1 and not cfg.cpu_offload):
+        return model  # one process: nothing to shard or synchronise (cpu_offload: FSDP on one GPU, states on host)
     if cfg.strategy == "ddp":
         return apply_ddp(model, device)
     return apply_fsdp(model, cfg, dtype, device)

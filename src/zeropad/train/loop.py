@@ -29,7 +29,9 @@ from zeropad.model.support import check_packable
 from zeropad.model.vlm import check_attn_implementation, position_rule
 from zeropad.parallel import distributed
 from zeropad.plan.fit import resolve_checkpointing
-from zeropad.parallel.sharding import VisionCalls, full_state_dict, gradient_sync, loss_scale, parallelize, unwrap
+from zeropad.parallel.materialize import materialize, weight_slots
+from zeropad.parallel.sharding import (VisionCalls, check_parallel, full_state_dict, gradient_sync, loss_scale,
+                                       parallelize, unwrap)
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
 from zeropad.train.guard import RunGuard, StopSignals
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
@@ -181,8 +183,9 @@ def _prepare_data(cfg: Config, tokenizer, processor=None, model_config=None
     return PackLoader(samples, cfg.pack.max_tokens, cfg.train.seed), eval_samples, report
 
 
-def _check_parallel(cfg: Config) -> None:
-    """What this slice of multi-process training does not do yet, refused before any work."""
+def _check_parallel(cfg: Config, device: torch.device) -> None:
+    """Parallel settings that cannot run here, refused before any work."""
+    check_parallel(cfg.parallel, device)
     if distributed.world_size() == 1:
         return
     if cfg.parallel.strategy == "none":
@@ -193,7 +196,7 @@ def _check_parallel(cfg: Config) -> None:
 def train(cfg: Config) -> TrainResult:
     device = distributed.device_for(cfg.train.device)
     joined = not distributed.is_initialized()
-    distributed.init(device)
+    distributed.init(device, single=cfg.parallel.cpu_offload and device.type == "cuda")
     try:
         with StopSignals() as stop:  # armed only while steps run; the previous handlers come back after
             result = _train(cfg, stop, device)
@@ -205,7 +208,7 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
-    _check_parallel(cfg)
+    _check_parallel(cfg, device)
     main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +222,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     check_packable(model_config)  # a family packing cannot keep exact is refused before any data is read
     processor = load_image_processor(cfg, model_config) if is_multimodal(model_config) else None
     loader, eval_samples, report = _prepare_data(cfg, tokenizer, processor, model_config)
-    base_model, model, groups = _build_model(cfg, tokenizer, processor, device)
+    base_model, model, groups, slots = _build_model(cfg, tokenizer, processor, device)
     collate_fn = collate if processor is None else MultimodalCollator(
         base_model.config, position_rule(base_model), processor, cfg.data.on_bad_sample, report)
     eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
@@ -228,6 +231,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loss_chunk_tokens, chunked_off = _loss_chunking(cfg, model)
     model = parallelize(model, cfg.parallel, cfg.train.dtype, device)  # the last change to the model
+    if slots is not None:  # built on meta and sharded there: each rank now reads or draws its shards alone
+        materialize(model, slots, cfg.model, seed=cfg.train.seed, device=device, parallel=cfg.parallel)
     optimizer = build_optimizer(model, cfg.train)
     setup = StepSetup(model, optimizer, build_scheduler(optimizer, cfg.train), _autocast(cfg, device),
                       cfg.train.grad_clip, loss_chunk_tokens, activation_context(cfg.memory, device),
@@ -302,10 +307,16 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
 
 
 def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
-    """(base model, trained model, parameter groups): LoRA, freezing and activation checkpointing applied, the
-    model checked against the tokenizer and the packed path; not yet wrapped for DDP/FSDP."""
-    base_model = build_model(cfg.model, seed=cfg.train.seed)
-    model = apply_lora(base_model, cfg.model.lora).to(device)  # in place: base_model moves too
+    """(base model, trained model, parameter groups, weight slots): LoRA, freezing and activation checkpointing
+    applied, the model checked against the tokenizer and the packed path; not yet wrapped for DDP/FSDP. Under
+    FSDP on several ranks the model is on the meta device, and `slots` (parallel/materialize.py) say where its
+    weights go once it is sharded; otherwise it holds its weights and `slots` is None."""
+    sharded = cfg.parallel.strategy == "fsdp" and (distributed.world_size() > 1 or cfg.parallel.cpu_offload)
+    base_model = build_model(cfg.model, seed=cfg.train.seed, device="meta" if sharded else "cpu")
+    slots = weight_slots(base_model) if sharded else None
+    model = apply_lora(base_model, cfg.model.lora, seed=cfg.train.seed)
+    if not sharded:
+        model = model.to(device)  # in place: base_model moves too
     groups = apply_freeze(model, cfg.train.freeze)  # before parallelize: DDP/FSDP register trained weights only
     check_vocab(model, tokenizer)
     if processor is not None and cfg.model.attn_implementation == ATTN_NAME:
@@ -315,7 +326,7 @@ def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
             raise ConfigError(f"model: {err}") from None
     apply_checkpointing(model, resolve_checkpointing(cfg, model))
     model.train()
-    return base_model, model, groups
+    return base_model, model, groups, slots
 
 
 def _loss_chunking(cfg: Config, model) -> tuple[int | None, str | None]:
