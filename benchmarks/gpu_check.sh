@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every GPU check of zeropad in one run, for a short lease on a CUDA machine (about 6 minutes on one H200):
+# the cpu_offload test, the bf16 exactness of the CUDA attention kernels, cpu_offload's memory and speed, and
+# packed throughput / MFU. Logs go to $OUT (default gpu_out/). Packages the machine lacks can be put as wheels
+# in .wheels/ beforehand (they are installed with --no-deps, offline).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg TQDM_DISABLE=1
+PY=${PYTHON:-python3}
+if compgen -G ".wheels/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-deps --no-index .wheels/*.whl 2>&1 | tail -3
+fi
+$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/gpu.txt"
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/parallel/test_cpu_offload.py 2>&1 | tail -20 | tee "$OUT/tests.log"
+timeout 120 $PY benchmarks/cuda_exactness.py 2>&1 | grep -v "^\[transformers\]" | tail -12 | tee "$OUT/exactness.log"
+timeout 200 $PY benchmarks/cpu_offload.py 2>&1 | tail -12 | tee "$OUT/cpu_offload.log"
+timeout 200 $PY benchmarks/gpu_throughput.py --steps 8 --warmup 2 2>&1 | tail -14 | tee "$OUT/throughput.log"
