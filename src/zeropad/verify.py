@@ -245,7 +245,7 @@ def _probe(model, docs: list[Sample], positions: PositionRule | None) -> _Probe:
     model.set_attn_implementation(packed_attn(model, _PROBE))
     try:
         with torch.no_grad():
-            model(**_cast(collate(docs, positions).model_inputs(), model.dtype))
+            model(**_cast(collate(docs, positions).to(next(model.parameters()).device).model_inputs(), model.dtype))
     finally:
         model.set_attn_implementation(packed_attn(model))
     return probe

