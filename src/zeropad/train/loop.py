@@ -334,11 +334,6 @@ def _loss_chunking(cfg: Config, model) -> tuple[int | None, str | None]:
     if not cfg.memory.chunked_loss:
         return None, None
     reason = chunked_loss_unsupported(model)
-    sharded_vision = getattr(model.config, "vision_config", None) is not None and cfg.parallel.strategy == "fsdp"
-    if sharded_vision and distributed.world_size() > 1:
-        # Seen on gloo: the ranks' collectives fall out of order when the head is unsharded for the chunked loss
-        # while one rank runs the vision tower on its zero-weight dummy image. Off until that is understood.
-        reason = "not yet with parallel.strategy=fsdp on a vision-language model"
     return (None, reason) if reason else (cfg.memory.loss_chunk_tokens, None)
 
 

@@ -20,9 +20,20 @@ empty logits still depend on the hidden state, so DDP's search for unused parame
 every parameter the loss uses. The LM head's weight then goes into the chunked cross-entropy
 outside the forward. Under FSDP2 the head lives in the root module's parameter group, which
 `reshard_after_forward: true` shards again when the forward ends, so the root is unsharded
-(`FSDPModule.unshard`, public; a no-op when the forward kept it whole) before the weight is read. The chunked loss then saves the whole weight for
-its backward, and FSDP's own post-backward reduce-scatters the head's gradient and reshards the
-root, as it does after the plain loss. Without a backward (evaluation) the root is resharded here.
+(`FSDPModule.unshard`, public; a no-op when the forward kept it whole) before the weight is read.
+The chunked loss then saves the whole weight for its backward, and FSDP's own post-backward
+reduce-scatters the head's gradient and reshards the root, as it does after the plain loss. Without
+a backward (evaluation) the root is resharded here.
+
+The empty logits' sum (exactly 0) is added to the loss, so the backward enters the model's output as
+the plain loss's does. FSDP2 hooks the root's pre-backward (which prefetches the last decoder layer,
+an all-gather) on every tensor of the root's output that requires grad: the logits, and in a VLM
+whose pack holds images the vision tower's outputs (`image_outputs`). Without the logits in the loss,
+only a rank with a real image would fire it, late, when the gradient reaches the tower's output, and
+its all-gather would meet the tower's on a rank that ran the zero-weight dummy image
+(parallel.sharding.VisionCalls): the collectives out of order. With them, every rank fires it
+first. The empty logits' backward adds a zero [V, H] gradient to the head's weight (autograd runs it
+after the chunked backward, whose fp32 accumulator is then freed).
 """
 
 from __future__ import annotations
@@ -162,16 +173,16 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     return base.model
 
 
-def _last_hidden_state(model: torch.nn.Module, model_inputs: dict, no_logits: torch.Tensor) -> torch.Tensor:
-    """The backbone's last hidden state [T, H], from the forward of `model` as given (its wrapper included);
-    `no_logits`, an empty index, keeps the LM head from building any logits."""
+def _forward(model: torch.nn.Module, model_inputs: dict, no_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the backbone's last hidden state [T, H], the empty logits [1, 0, V]) from the forward of `model` as given
+    (its wrapper included); `no_logits`, an empty index, keeps the LM head from building any logits."""
     captured = []
     hook = _backbone(unwrap(model)).register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
     try:
-        model(**model_inputs, logits_to_keep=no_logits)
+        logits = model(**model_inputs, logits_to_keep=no_logits).logits
     finally:
         hook.remove()
-    return captured[0][0]
+    return captured[0][0], logits
 
 
 def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.Tensor,
@@ -181,12 +192,14 @@ def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.
     (DDP, FSDP2). Run it under the forward's autocast; both ways give the same loss and gradients."""
     if chunk_tokens is None:
         return token_loss_sum(model(**model_inputs).logits[0], target_ids_T)
-    hidden_TH = _last_hidden_state(model, model_inputs, target_ids_T.new_empty(0))
+    hidden_TH, no_logits = _forward(model, model_inputs, target_ids_T.new_empty(0))
     fsdp = isinstance(model, FSDPModule)
     if fsdp:
         model.unshard()  # the root holds the LM head; reshard_after_forward=true sharded it after the forward
     head = unwrap(model).get_output_embeddings()
     loss = chunked_cross_entropy_sum(hidden_TH, head.weight, head.bias, target_ids_T, chunk_tokens)
+    # + 0 exactly (an empty sum): the backward enters the forward's output first, as the plain loss's does
+    loss = loss + no_logits.float().sum()
     if fsdp and not torch.is_grad_enabled():
         model.reshard()  # no backward follows to reshard the root (FSDP's post-backward does in training)
     return loss
