@@ -23,6 +23,7 @@ pieces run over into the next shard (an MoE's fused experts).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -40,6 +41,7 @@ from zeropad.model.lora import is_adapted
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_LAYER = re.compile(r".*?\.\d+\.")  # up to a layer's index: model.layers.3.
 
 # State-dict names -> those tensors, whole (gathered if sharded). Under FSDP every rank calls it, with the same
 # names in the same order.
@@ -75,15 +77,8 @@ def save_hf_model(model: torch.nn.Module, out_dir: str | Path, max_shard_size: i
     load = load or (lambda names: {name: _whole(own[name]) for name in names})
     meta = {name: torch.empty(own[t.name].shape, dtype=own[t.name].dtype, device="meta")
             for name, t in tensors.items()}
-    saved = {name: revert_weight_conversion(hf_model, {name: t}) for name, t in meta.items()}
-    whole = revert_weight_conversion(hf_model, dict(meta))  # the order save_pretrained writes in
-    source_of = {key: name for name, pieces in saved.items() for key in pieces}
-    order = list(dict.fromkeys(source_of[key] for key in whole if key in source_of))
-    pieces = [(key, tuple(t.shape)) for name in order for key, t in saved[name].items()]
-    if pieces != [(key, tuple(t.shape)) for key, t in whole.items()]:
-        raise ZeropadError(f"{type(hf_model).__name__}: transformers' weight conversion of this model gives other "
-                           "saved tensors tensor by tensor than for the whole model (it combines tensors); writing "
-                           "it one shard at a time is not supported")
+    whole = revert_weight_conversion(hf_model, dict(meta))  # the names and order save_pretrained writes
+    groups, saved = _conversion_groups(hf_model, meta, whole)
     # Saved pieces that are views of one tensor (an MoE's experts, cut from their fused tensor) share a storage:
     # save_pretrained's split keeps them in one file and counts that storage once. Their meta views tell the same.
     split = split_state_dict_into_shards_factory(
@@ -91,18 +86,21 @@ def save_hf_model(model: torch.nn.Module, out_dir: str | Path, max_shard_size: i
         get_storage_id=lambda t: id(t._base) if t._base is not None else id(t), max_shard_size=max_shard_size)
     files = list(split.filename_to_tensors)
     file_index = {key: files.index(file) for file, keys in split.filename_to_tensors.items() for key in keys}
-    first_file = {name: files[min(file_index[key] for key in saved[name])] for name in order}
+    first_file = {group: files[min(file_index[key] for key in pieces)] for group, pieces in saved.items()}
     out = Path(out_dir)
     if write:
         _write_configs(hf_model, out)
-        _remove_stale_weights(out, set(split.filename_to_tensors))
+        _remove_stale_weights(out, set(files))
     pending: dict[str, torch.Tensor] = {}  # saved tensors loaded, not yet written
     for file, keys in split.filename_to_tensors.items():
-        for name in [n for n in order if first_file[n] == file]:
-            loaded = load(_sources(tensors[name]))  # every rank: the gathers are collectives
+        for group in [g for g in saved if first_file[g] == file]:
+            for name in groups[group]:
+                loaded = load(_sources(tensors[name]))  # every rank: the gathers are collectives
+                if write:
+                    pending[name] = _merged(tensors[name], loaded)
+                del loaded
             if write:
-                pending.update(revert_weight_conversion(hf_model, {name: _merged(tensors[name], loaded)}))
-            del loaded
+                pending.update(revert_weight_conversion(hf_model, {n: pending.pop(n) for n in groups[group]}))
         if write:
             save_file({key: pending.pop(key).contiguous() for key in keys}, str(out / file), metadata={"format": "pt"})
     if write and split.is_sharded:
@@ -111,6 +109,24 @@ def save_hf_model(model: torch.nn.Module, out_dir: str | Path, max_shard_size: i
                  "weight_map": split.tensor_to_filename}
         (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return list(split.filename_to_tensors)
+
+
+def _conversion_groups(hf_model, meta: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]):
+    """(group -> the model's tensor names, group -> its saved pieces), groups in save_pretrained's order, such
+    that reverting each group alone gives what reverting the whole model gives. One tensor each when that holds
+    (an MoE's fused experts split into pieces); else one layer each (Kimi's vision q, k, v saved as one wqkv)."""
+    for unit in (lambda name: name, lambda name: _LAYER.match(name).group(0) if _LAYER.match(name) else name):
+        groups: dict[str, list[str]] = {}
+        for name in meta:
+            groups.setdefault(unit(name), []).append(name)
+        saved = {group: revert_weight_conversion(hf_model, {n: meta[n] for n in names}) for group, names in groups.items()}
+        group_of = {key: group for group, pieces in saved.items() for key in pieces}
+        order = list(dict.fromkeys(group_of[key] for key in whole if key in group_of))
+        pieces = [(key, tuple(t.shape)) for group in order for key, t in saved[group].items()]
+        if pieces == [(key, tuple(t.shape)) for key, t in whole.items()]:
+            return groups, {group: saved[group] for group in order}
+    raise ZeropadError(f"{type(hf_model).__name__}: transformers' weight conversion of this model combines tensors "
+                       "of different layers; writing it one shard at a time is not supported")
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
