@@ -9,7 +9,7 @@ second model). `save_hf_model` writes the files it would write, planned from nam
     says), transformers' own `revert_weight_conversion` applied (an MoE's fused experts saved per expert, a
     Qwen2.5-VL's `model.language_model.*` saved as `model.*`), LoRA adapters merged into their base weights
     (W + scaling * B A, peft's Linear merge) with no peft names left;
-  - the same greedy split (huggingface_hub's `split_torch_state_dict_into_shards`): one `model.safetensors`
+  - the same greedy split (huggingface_hub's, as `split_torch_state_dict_into_shards`): one `model.safetensors`
     when the model fits in `max_shard_size`, else `model-0000k-of-0000n.safetensors` and
     `model.safetensors.index.json`;
   - config.json (with save_pretrained's `dtype` and `architectures`) and generation_config.json.
@@ -17,7 +17,8 @@ second model). `save_hf_model` writes the files it would write, planned from nam
 Then it fills the shards in order: it loads the tensors one shard needs (under FSDP each is gathered alone,
 `DTensor.full_tensor()`, a collective every rank calls in the same order; from a checkpoint only those keys
 are read), writes the shard and lets it go. It holds at most one shard plus the one model tensor whose saved
-pieces run over into the next shard (an MoE's fused experts).
+pieces run over into the next shard (an MoE's fused experts); for a model whose conversion combines a layer's
+tensors into one saved tensor (Kimi-K2.5's vision q, k, v saved as wqkv), one shard plus one layer.
 """
 
 from __future__ import annotations
