@@ -187,7 +187,11 @@ def _merged(tensor: _Tensor, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if tensor.device.type != tensor.device_mesh.device_type:  # cpu_offload: NCCL gathers on the device
+        tensor = tensor.to(tensor.device_mesh.device_type)
+    return tensor.full_tensor()
 
 
 def _write_configs(hf_model, out: Path) -> None:
