@@ -69,6 +69,13 @@ def test_bad_config_key_is_named(tmp_path):
         load_config(config)
 
 
+def test_export_names_an_unreadable_shard_size(tmp_path):
+    from zeropad.errors import ConfigError
+
+    result = runner.invoke(app, ["export", str(tmp_path), str(tmp_path / "hf"), "--max-shard-size", "big"])
+    assert isinstance(result.exception, ConfigError) and "--max-shard-size" in str(result.exception)
+
+
 def test_pack_stats(model_dir, tmp_path):
     data = tmp_path / "data.jsonl"
     _write_conversations(data)

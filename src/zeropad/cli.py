@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from zeropad.config import describe_keys, load_config
-from zeropad.errors import RunStopped, ZeropadError
+from zeropad.errors import ConfigError, RunStopped, ZeropadError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Padding-free, exact packed training.")
 
@@ -150,13 +150,21 @@ def export(
     checkpoint: Path = typer.Argument(
         ..., help="A checkpoint (OUTPUT_DIR/checkpoints/step_N), or an output dir: its newest."),
     out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face model directory."),
+    max_shard_size: str = typer.Option(None, help="Largest safetensors file, e.g. 5GB, 2GiB or bytes (default: "
+                                       "the run's checkpoint.max_shard_size); a bigger model is written in shards."),
 ) -> None:
     """Write a checkpoint as a Hugging Face model directory (safetensors, config, generation config, tokenizer;
-    for a vision-language model also its image processor)."""
+    for a vision-language model also its image processor), one weight shard at a time."""
+    from zeropad.config import parse_shard_size
     from zeropad.train.export import export_checkpoint
 
-    done = export_checkpoint(checkpoint, out_dir)
-    print(f"exported {done.checkpoint} to {out_dir} ({done.auto_class}.from_pretrained loads it)")
+    try:
+        shard_bytes = None if max_shard_size is None else parse_shard_size(max_shard_size)
+    except ValueError as err:
+        raise ConfigError(f"--max-shard-size: {err}") from None
+    done = export_checkpoint(checkpoint, out_dir, shard_bytes)
+    print(f"exported {done.checkpoint} to {out_dir} as {len(done.weight_files)} safetensors file(s) "
+          f"({done.auto_class}.from_pretrained loads it)")
 
 
 @app.command()

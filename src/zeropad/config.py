@@ -155,9 +155,37 @@ class MemoryConfig(_Strict):
         return value
 
 
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30, "tib": 2**40}
+
+
+def parse_shard_size(value: int | str) -> int:
+    """Bytes from a number of bytes or a size such as '5GB' (decimal, as Hugging Face reads it) or '512MiB'."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        unit = _SIZE_UNITS.get(match.group(2).lower() or "b") if match else None
+        if unit is None:
+            raise ValueError(f"cannot read the size {value!r}; write it like 5GB, 500MB, 2GiB or a number of bytes")
+        size = int(float(match.group(1)) * unit)
+    if size <= 0:
+        raise ValueError(f"the size must be positive, got {value!r}")
+    return size
+
+
 class CheckpointConfig(_Strict):
     every_steps: int = Field(0, ge=0, description="Save a checkpoint every N optimizer steps (0 = only at the end).")
     keep: int = Field(2, gt=0, description="Newest checkpoints kept in OUTPUT_DIR/checkpoints; older ones are deleted.")
+    max_shard_size: int | str = Field(
+        "5GB", validate_default=True, description="Largest safetensors file of final/ and `zeropad export` (bytes, "
+        "or e.g. 5GB, 2GiB): a bigger model is written as model-0000k-of-0000n.safetensors plus an index.",
+    )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_bytes(cls, value: int | str) -> int:
+        return parse_shard_size(value)
 
 
 class ParallelConfig(_Strict):

@@ -19,11 +19,13 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))  # the tiny run shared with the train tests
 from tinyrun import run_config, saved_initial_model, step_records  # noqa: E402
 from zeropad.config import build_config  # noqa: E402
+from zeropad.model.hf_writer import weight_files  # noqa: E402
 from zeropad.pack.planner import assign_packs_to_ranks, plan_packs, shuffle_packs  # noqa: E402
 from zeropad.train.loop import train  # noqa: E402
 
 STEPS = 4
 CHECKPOINTS = {"every_steps": 2, "keep": 5}  # step 2 (resumed from below) and step 4
+SMALL_SHARD = 20_000  # bytes: the tiny model's final/ and export in several files
 LAUNCH_TIMEOUT_S = 120  # a hang (a rank waiting forever on a dead peer) fails the test instead
 
 
@@ -52,8 +54,13 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     return root, out
 
 
+def _hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Hugging Face directory, one model.safetensors or its shards."""
+    return {name: t for file in weight_files(model_dir) for name, t in load_file(str(file)).items()}
+
+
 def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(output_dir / "final" / "model.safetensors"))
+    return _hf_weights(output_dir / "final")
 
 
 @pytest.mark.parametrize("parallel", [
@@ -222,8 +229,10 @@ def test_saved_on_two_ranks_resumes_on_one(reference, strategy, tmp_path):
     root, one = reference
     two = root / f"save2-{strategy}"
     cfg_path = root / f"save2-{strategy}.yaml"
+    # fsdp: final/ in shards, each weight gathered alone
+    shards = {"max_shard_size": SMALL_SHARD} if strategy == "fsdp" else {}
     cfg_path.write_text(yaml.safe_dump(_config(root, two, grad_accum=2, strategy=strategy)
-                                       | {"checkpoint": CHECKPOINTS}))
+                                       | {"checkpoint": CHECKPOINTS | shards}))
     done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     ckpt = two / "checkpoints" / "step_000002"
@@ -232,9 +241,12 @@ def test_saved_on_two_ranks_resumes_on_one(reference, strategy, tmp_path):
 
     _assert_continues(one, _resume_on_one_process(root, root / f"resume1-{strategy}", ckpt), from_step=2)
 
-    # export gathers every rank's shards into the full weights: those of the run's final model
-    export_checkpoint(two / "checkpoints" / "step_000004", tmp_path / "hf")
-    exported, final = load_file(str(tmp_path / "hf" / "model.safetensors")), _final_weights(two)
+    n_files = len(weight_files(two / "final"))
+    assert n_files == 1 if strategy == "ddp" else n_files > 3
+    # export reads every rank's shards, one output file at a time: the run's final weights
+    done = export_checkpoint(two / "checkpoints" / "step_000004", tmp_path / "hf", max_shard_size=SMALL_SHARD)
+    assert len(done.weight_files) > 3 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    exported, final = _hf_weights(tmp_path / "hf"), _final_weights(two)
     assert exported.keys() == final.keys()
     for key in final:
         assert torch.equal(exported[key], final[key]), key

@@ -164,11 +164,15 @@ def test_no_usable_checkpoint_at_all_is_an_error(trained):
 def test_export_round_trip_logits_equal(trained, tmp_path):
     cfg, result = trained
     out = tmp_path / "hf"
-    cli = CliRunner().invoke(app, ["export", cfg.output_dir, str(out)])  # an output dir: its newest checkpoint
+    # an output dir: its newest checkpoint; read and written one shard at a time
+    cli = CliRunner().invoke(app, ["export", cfg.output_dir, str(out), "--max-shard-size", "20KB"])
     assert cli.exit_code == 0, cli.output
     assert "step_000008" in cli.output
-    for name in ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json"]:
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 3 and f"as {len(shards)} safetensors file(s)" in cli.output
+    for name in ["model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json"]:
         assert (out / name).is_file(), name
+    assert not (out / "model.safetensors").exists()
     assert "zeropad" not in (out / "config.json").read_text()  # loads without zeropad's attention
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     GenerationConfig.from_pretrained(out)

@@ -22,7 +22,8 @@ def _peft():
 
 
 def is_adapted(model: torch.nn.Module) -> bool:
-    return type(model).__module__.startswith("peft.")
+    # The class's bases too: FSDP2's fully_shard gives the model a subclass of its class, defined in torch.
+    return any(cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig | None, seed: int | None = None) -> torch.nn.Module:

@@ -135,15 +135,6 @@ def gradient_sync(model: torch.nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Full (unsharded) weights on the host; a collective under FSDP, so every rank calls it."""
-    if isinstance(model, FSDPModule):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return None
-
-
 class VisionCalls:
     """Under FSDP2 every rank must run each sharded module equally often in each micro-step: a module's forward
     all-gathers its weights and its backward reduce-scatters their gradients, collectives every rank joins in the

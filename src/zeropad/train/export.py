@@ -15,8 +15,9 @@ from zeropad.data.multimodal import load_image_processor
 from zeropad.errors import ZeropadError
 from zeropad.family import is_multimodal
 from zeropad.model.load import auto_class, build_model
+from zeropad.model.hf_writer import save_hf_model
 from zeropad.model.lora import merged_for_export
-from zeropad.train.state import MANIFEST, checkpoint_root, load_weights, step_dirs, verify
+from zeropad.train.state import MANIFEST, checkpoint_root, load_weights, step_dirs, verify, weight_reader
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -47,12 +48,15 @@ def checkpoint_model_config(checkpoint: Path) -> ModelConfig:
 
 
 def load_trained_model(checkpoint: Path) -> torch.nn.Module:
-    """The trained model of a checkpoint, fp32, with eager attention and LoRA adapters, if any, merged
-    into the weights."""
+    """The trained model of a checkpoint, whole, fp32, with eager attention and LoRA adapters, if any, merged
+    into the weights (`export_checkpoint` writes it without holding it whole)."""
     verify(checkpoint)
     model = build_model(checkpoint_model_config(checkpoint), weights=False, lora=True)  # weights: below
     load_weights(checkpoint, model)  # every rank's shards, gathered into the full weights
-    model = merged_for_export(model)
+    return _ready_to_generate(merged_for_export(model), checkpoint)
+
+
+def _ready_to_generate(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     if (checkpoint / "model" / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(checkpoint / "model")
     # Training turns the KV cache off; whoever loads the export generates, and wants it on.
@@ -63,19 +67,25 @@ def load_trained_model(checkpoint: Path) -> torch.nn.Module:
 class Export(NamedTuple):
     checkpoint: Path  # the checkpoint exported
     auto_class: str  # the transformers Auto class that loads the exported directory
+    weight_files: list[str]  # model.safetensors, or model-0000k-of-0000n.safetensors (with an index)
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Export:
-    """Write the model (safetensors), its config, generation config and tokenizer to out_dir, and for a
-    vision-language model its image processor: the one the run built (`load_image_processor`, from the
-    run's vision settings and model config), saved with the PIL backend's settings."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, max_shard_size: int | str | None = None) -> Export:
+    """Write the model (safetensors, LoRA adapters merged in), its config, generation config and tokenizer to
+    out_dir, and for a vision-language model its image processor: the one the run built (`load_image_processor`,
+    from the run's vision settings and model config), saved with the PIL backend's settings.
+
+    The weights are read from the checkpoint one shard of the output at a time (`save_hf_model`), so the model is
+    never whole in memory; max_shard_size defaults to the run's checkpoint.max_shard_size."""
     path = resolve_checkpoint(checkpoint)
-    model = load_trained_model(path)
     run = run_config(path)
+    # On the meta device: the names, shapes and config, and no memory for the weights.
+    model = _ready_to_generate(build_model(checkpoint_model_config(path), device="meta", lora=True), path)
     out = Path(out_dir)
-    model.save_pretrained(out)  # writes generation_config.json too: the model can generate
+    files = save_hf_model(model, out, max_shard_size or run.checkpoint.max_shard_size,
+                          load=weight_reader(path, model))
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", trust_remote_code=run.model.trust_remote_code)
     tokenizer.save_pretrained(out)
     if is_multimodal(model.config):  # Chameleon too: its resize-and-crop processor
         load_image_processor(run, model.config).save_pretrained(out)
-    return Export(path, auto_class(model.config).__name__)
+    return Export(path, auto_class(model.config).__name__, files)

@@ -24,14 +24,14 @@ from zeropad.pack.collate import Pack, collate
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
 from zeropad.model.checkpointing import activation_context, apply_checkpointing
 from zeropad.model.attention import ATTN_NAME
-from zeropad.model.lora import apply_lora, merged_for_export
+from zeropad.model.hf_writer import save_hf_model
+from zeropad.model.lora import apply_lora
 from zeropad.model.support import check_packable
 from zeropad.model.vlm import check_attn_implementation, position_rule
 from zeropad.parallel import distributed
 from zeropad.plan.fit import resolve_checkpointing
 from zeropad.parallel.materialize import materialize, weight_slots
-from zeropad.parallel.sharding import (VisionCalls, check_parallel, full_state_dict, gradient_sync, loss_scale,
-                                       parallelize, unwrap)
+from zeropad.parallel.sharding import VisionCalls, check_parallel, gradient_sync, loss_scale, parallelize, unwrap
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
 from zeropad.train.guard import RunGuard, StopSignals
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
@@ -339,17 +339,15 @@ def _loss_chunking(cfg: Config, model) -> tuple[int | None, str | None]:
 
 def _save_final(cfg: Config, model, tokenizer, processor, logger: MetricsLogger, guard: RunGuard,
                 report: SampleReport, loss: float, eval_loss: float | None) -> TrainResult:
-    """final/ as a plain Hugging Face directory (rank 0 writes it), loss.png and summary.json."""
+    """final/ as a plain Hugging Face directory (LoRA adapters merged in; rank 0 writes it, one shard at a time),
+    loss.png and summary.json."""
     output_dir = Path(cfg.output_dir)
     final_dir = output_dir / "final"
-    full_weights = full_state_dict(model)  # FSDP: gathered to rank 0 (a collective); else None
+    model = unwrap(model)
+    # Every rank: under FSDP each weight is gathered in turn (collectives), and only rank 0 keeps and writes it.
+    save_hf_model(model, final_dir, cfg.checkpoint.max_shard_size, write=distributed.is_main())
     if not distributed.is_main():
-        return TrainResult(unwrap(model), tokenizer, output_dir, loss, eval_loss, report)
-    if full_weights is not None:  # FSDP: into a plain copy, whose class save_pretrained knows (its key names)
-        model = build_model(cfg.model, weights=False, lora=True)
-        model.load_state_dict(full_weights)
-    model = merged_for_export(unwrap(model))  # LoRA adapters merged in: final/ is a plain Hugging Face model
-    model.save_pretrained(final_dir)
+        return TrainResult(model, tokenizer, output_dir, loss, eval_loss, report)
     tokenizer.save_pretrained(final_dir)
     if processor is not None:
         processor.save_pretrained(final_dir)  # final/ is a complete VLM directory: it trains and loads again

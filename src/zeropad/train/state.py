@@ -41,6 +41,7 @@ import shutil
 import signal
 import warnings
 from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,6 +332,24 @@ def load_weights(path: Path, model) -> None:
         _load_dcp(path, {"model": ModelState(model)})
 
 
+def weight_reader(path: Path, model) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """For export: a reader of checkpoint `path`'s trained weights by state-dict name that reads only the
+    tensors asked for, so that no more than those are in memory. `model` (on the meta device is enough) gives
+    the names, shapes and dtypes; the stored weights are checked against them first. One process."""
+    verify(path)
+    if _is_legacy(path):
+        return state_legacy.weight_reader(path, model)
+    _check_dcp_fits(path, model)
+    like = get_model_state_dict(model)
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        state = {f"model.{name}": torch.empty(like[name].shape, dtype=like[name].dtype) for name in names}
+        _load_dcp(path, state)
+        return {name: state[f"model.{name}"] for name in names}
+
+    return read
+
+
 def _is_legacy(path: Path) -> bool:
     """A checkpoint of the single-process format zeropad wrote before DCP at every world size."""
     return (path / state_legacy.WEIGHTS).is_file() and not (path / DCP_DIR).exists()
@@ -371,8 +390,8 @@ def _check_dcp_fits(path: Path, model) -> None:
                if key.startswith("model.")})
 
 
-def _load_dcp(path: Path, state: dict[str, Stateful]) -> None:
-    """`state` (ModelState, OptimizerState) from the checkpoint's DCP shards (a collective: every rank
+def _load_dcp(path: Path, state: dict[str, Stateful | torch.Tensor]) -> None:
+    """`state` (ModelState, OptimizerState, or tensors by stored key) from the checkpoint's DCP shards (a collective: every rank
     calls it), once _check_dcp_fits has passed."""
     try:
         with _dcp_call():

@@ -5,9 +5,11 @@ Read only, at any world size: a run resumed from one saves DCP checkpoints from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
@@ -26,6 +28,18 @@ def read_weights(path: Path, model) -> dict[str, torch.Tensor]:
         if name in expected and name not in weights and twin in weights:
             weights[name] = weights[twin]
     return weights
+
+
+def weight_reader(path: Path, model) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """Reads only the weights asked for, by name; a tied one from its stored twin."""
+    twins = _tied_names(model)
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        with safe_open(str(path / WEIGHTS), framework="pt") as stored:
+            keys = set(stored.keys())
+            return {name: stored.get_tensor(name if name in keys else twins[name]) for name in names}
+
+    return read
 
 
 def set_state(model, weights: dict[str, torch.Tensor], optimizer=None, optimizer_state: dict | None = None) -> None:
