@@ -110,16 +110,20 @@ def model_states(num_params: int, setup: Setup, num_trainable: int | None = None
     return rows
 
 
-def host_per_rank(num_params: int, largest_tensor: int, setup: Setup) -> dict[str, float]:
-    """Host memory per rank outside the training step, in bytes, as zeropad does it today: every rank builds the
-    whole fp32 model and reads its checkpoint before sharding (`load`: 4 B/param, plus the largest tensor being
-    read), and at the end FSDP gathers the full weights on every rank's host (`export`), rank 0 also building the
-    plain model it saves (`export_rank0`). DDP and one process save the model they hold."""
-    whole = 4.0 * num_params
-    sharded = setup.strategy in ("zero3", "offload") and setup.num_devices > 1
-    return {"load": whole + 4.0 * largest_tensor,
-            "export": whole if sharded else 0.0,
-            "export_rank0": 2 * whole if sharded else 0.0}
+def host_per_rank(num_params: int, largest_tensor: int, setup: Setup, max_shard_bytes: int) -> dict[str, float]:
+    """Host memory per rank outside the training step, in bytes (fp32 weights).
+
+    load: sharded (FSDP on several devices, or cpu_offload), a rank holds its weight shards and, while reading,
+      the same shards of transformers' loading copy plus one whole tensor (parallel/materialize.py); otherwise
+      the whole model and one tensor being read.
+    export: writing final/ holds one gathered weight per rank under FSDP (`export`), and on rank 0 one file of
+      checkpoint.max_shard_size plus one weight (`export_rank0`; model/hf_writer.py)."""
+    whole, tensor = 4.0 * num_params, 4.0 * largest_tensor
+    sharded = setup.strategy in ("zero3", "offload") and (setup.num_devices > 1 or setup.strategy == "offload")
+    shard = whole / setup.num_devices
+    return {"load": 2 * shard + tensor if sharded else whole + tensor,
+            "export": tensor if sharded else 0.0,
+            "export_rank0": min(max_shard_bytes, whole) + tensor}
 
 
 def _rmsnorm(width: int, rows: int, in_bytes: int) -> int:

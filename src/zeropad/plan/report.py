@@ -51,9 +51,9 @@ def _states_by_strategy(a: Arch, setup: Setup) -> dict[str, tuple[float, float]]
     return out
 
 
-def build(a: Arch, setup: Setup, tokens: int, device_bytes: float | None) -> dict:
+def build(a: Arch, setup: Setup, tokens: int, device_bytes: float | None, max_shard_bytes: int) -> dict:
     """Everything `zeropad plan` reports, as plain data (the --json output). With checkpointing
-    `auto`, the table shows the policy auto would pick."""
+    `auto`, the table shows the policy auto would pick; `max_shard_bytes`: checkpoint.max_shard_size."""
     opts = best = None
     if device_bytes is not None:
         opts = options(a, setup, tokens, budget_bytes(device_bytes))
@@ -74,7 +74,8 @@ def build(a: Arch, setup: Setup, tokens: int, device_bytes: float | None) -> dic
         "model_states_by_strategy": {k: {"device_bytes": d, "host_bytes": h}
                                      for k, (d, h) in _states_by_strategy(a, setup).items()},
         "device_memory_bytes": device_bytes,
-        "host_per_rank_bytes": host_per_rank(a.num_params, max(a.num_head_params, a.vocab * a.hidden), setup),
+        "host_per_rank_bytes": host_per_rank(a.num_params, max(a.num_head_params, a.vocab * a.hidden), setup,
+                                             max_shard_bytes),
     }
     if opts is not None:
         result["options"] = [asdict(o) for o in opts]
@@ -110,9 +111,10 @@ def render(result: dict) -> str:
         for k, v in result["model_states_by_strategy"].items())
     lines += ["", f"model states per device by strategy: {by_strategy}"]
     host = result["host_per_rank_bytes"]
-    lines.append(f"host memory per rank: loading {fmt_bytes(host['load'])} (every rank builds the whole fp32 model "
-                 "before sharding)" + (f"; final/ {fmt_bytes(host['export'])} (full weights gathered on every "
-                                       f"rank), rank 0 {fmt_bytes(host['export_rank0'])}" if host["export"] else ""))
+    lines.append(f"host memory per rank: loading {fmt_bytes(host['load'])} (weights"
+                 + (" sharded on the meta device, then each rank reads its shards" if host["export"] else "")
+                 + f"); final/ {fmt_bytes(host['export'])} per rank (one weight gathered at a time), rank 0 "
+                 f"{fmt_bytes(host['export_rank0'])} (one file of checkpoint.max_shard_size + one weight)")
     device_bytes = result["device_memory_bytes"]
     if device_bytes is None:
         lines += ["", "no device memory known: pass --device-memory (e.g. 80GB) for a recommendation"]
@@ -161,5 +163,5 @@ def run(cfg: Config, *, num_devices: int, device_memory: str | None, strategy: s
     else:
         device_bytes = None
     model = build_model(cfg.model, device="meta", lora=True)  # shapes only: no weights are read or allocated
-    result = build(arch_of(model), setup, cfg.pack.max_tokens, device_bytes)
+    result = build(arch_of(model), setup, cfg.pack.max_tokens, device_bytes, cfg.checkpoint.max_shard_size)
     return json.dumps(result, indent=2) if as_json else render(result)
