@@ -33,8 +33,10 @@ MOE = {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "m
 CASES = {
     # the chunked loss on each rank's tokens, and evaluation (each rank a token range of the same eval packs)
     "qwen3": {"memory": {"chunked_loss": True, "loss_chunk_tokens": 16}, "eval": {"split": 0.1, "every_steps": 2}},
-    # one KV head for 2 ranks (repeated), and the router's aux loss over the whole pack
-    "qwen3_moe": {"memory": {"chunked_loss": False}, "model": {**MOE, "num_key_value_heads": 1}},
+    # one KV head for 2 ranks (repeated), the router's aux loss over the whole pack, and activation
+    # checkpointing (the recomputed attention runs its all-to-alls again, in backward)
+    "qwen3_moe": {"memory": {"chunked_loss": False, "checkpointing": "full"},
+                  "model": {**MOE, "num_key_value_heads": 1}},
 }
 
 
@@ -131,9 +133,9 @@ def test_head_counts_the_all_to_all_cannot_split_are_refused():
 def test_sequence_parallel_settings_that_cannot_run_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.sp_size=2 splits each pack over several processes"):
         build_config({"parallel": {"sp_size": 2}})
-    with pytest.raises(ConfigError, match=r"parallel.sp_size=2 must divide the number of processes \(1\)"):
-        with ulysses.sequence_parallel(2):
-            pass
+    with pytest.raises(ConfigError, match=r"parallel.sp_size=2 must divide the number of processes \(1\)"), \
+            ulysses.sequence_parallel(2):
+        pass
     cfg = build_config(run_config(tmp_path, tmp_path / "x", parallel={"strategy": "fsdp", "sp_size": 2},
                                   model={"attn_implementation": "sdpa"}))
     with pytest.raises(ConfigError, match=r"model.attn_implementation=sdpa cannot be split"):
@@ -141,3 +143,18 @@ def test_sequence_parallel_settings_that_cannot_run_are_refused(tmp_path):
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attn_implementation": "zeropad_varlen"})})
     with pytest.raises(ConfigError, match=r"sequence parallelism does not support vision-language models yet"):
         _check_sequence_parallel(cfg, AutoConfig.for_model("qwen2_5_vl"))
+
+
+def test_the_ranks_of_an_sp_group_take_the_same_packs_and_the_groups_take_a_data_parallel_share():
+    from zeropad.pack.loader import PackLoader
+
+    samples = [_sample(n, 0) for n in [30, 25, 20, 18, 15, 12, 10, 9, 7, 5, 4, 3]]
+    lengths = lambda packs: [[len(s) for s in docs] for docs in packs]  # noqa: E731
+    # world 4, sp 2: two data-parallel groups of two ranks, as 2 ranks without SP
+    got = [next(step_packs(PackLoader(samples, 32, seed=0), 2, 4, rank, lambda docs: docs, sp_size=2))
+           for rank in range(4)]
+    want = [next(step_packs(PackLoader(samples, 32, seed=0), 2, 2, rank, lambda docs: docs)) for rank in range(2)]
+    for rank, step in enumerate(got):
+        assert lengths(step.packs) == lengths(want[rank // 2].packs) and len(step.packs) == 2
+        assert step.num_tokens == want[0].num_tokens
+    assert lengths(got[0].packs) != lengths(got[2].packs)

@@ -41,7 +41,8 @@ ULYSSES_NAME = "zeropad_ulysses"
 
 # torch suggests its functional collectives instead, which have no autograd all-reduce (MoE's aux loss needs one);
 # the autograd-aware collectives used here work on gloo and NCCL alike.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated",
+                        category=FutureWarning)
 
 
 def token_sizes(num_tokens: int, sp_size: int) -> list[int]:
@@ -100,9 +101,10 @@ class SequenceParallel:
         """[1, H, T_k, D] local tokens, all heads -> [1, H/K, T, D] all tokens, this rank's heads."""
         x_THD = x_BHTD[0].transpose(0, 1)
         tokens, heads, dim = x_THD.shape
-        # rank j's share first: [K, T_k, H/K, D], flattened so that dim 0 splits by destination
-        send = x_THD.reshape(tokens, self.size, heads // self.size, dim).transpose(0, 1).reshape(-1, heads // self.size, dim)
-        out = send.new_empty(sum(sizes), heads // self.size, dim)
+        share = heads // self.size
+        # rank j's heads first: [K, T_k, H/K, D], flattened so that dim 0 splits by destination
+        send = x_THD.reshape(tokens, self.size, share, dim).transpose(0, 1).reshape(-1, share, dim)
+        out = send.new_empty(sum(sizes), share, dim)
         out = dist_fn.all_to_all_single(out, send.contiguous(), sizes, [tokens] * self.size, group=self.group)
         return out.transpose(0, 1).unsqueeze(0)
 
