@@ -204,6 +204,9 @@ class ParallelConfig(_Strict):
                            "across replicas. 1: plain FSDP over all ranks.")
     shard: int | None = Field(None, ge=1, description="fsdp with replicate > 1: ranks per replica the model is "
                               "sharded over (e.g. GPUs per node); default world size / replicate.")
+    sp_size: int = Field(1, ge=1, description="Ulysses sequence parallelism: the ranks that share one pack, each "
+                         "holding a contiguous token range of it (attention heads are split across them around "
+                         "attention). The number of processes must be a multiple; sp_size=1: none.")
 
 
 class Config(_Strict):
@@ -229,6 +232,9 @@ class Config(_Strict):
         """What is refused from the config alone, before anything is loaded."""
         if (self.parallel.replicate > 1 or self.parallel.shard is not None) and self.parallel.strategy != "fsdp":
             raise ValueError("parallel.replicate / parallel.shard (HSDP) are FSDP options: set parallel.strategy=fsdp")
+        if self.parallel.sp_size > 1 and self.parallel.strategy == "none":
+            raise ValueError(f"parallel.sp_size={self.parallel.sp_size} splits each pack over several processes: "
+                             "run under torchrun with parallel.strategy=fsdp or ddp")
         return self
 
 

@@ -77,19 +77,22 @@ class StepPacks:
 
 
 def step_packs(loader: PackLoader | StreamingPackLoader, micro_steps: int, world_size: int = 1,
-               rank: int = 0, collate_fn: Callable = collate) -> Iterator[StepPacks]:
-    """Each optimizer step takes world_size x micro_steps packs from the loader, the packs a
-    single process would take with grad_accum = world_size x micro_steps, and gives this rank
-    its balanced share (planner.assign_packs_to_ranks). Every rank reads the same stream, so
-    the loader position (epoch, index) is the same on all ranks. `collate_fn` builds a pack from its
-    samples (model.vlm's packs for image conversations)."""
+               rank: int = 0, collate_fn: Callable = collate, sp_size: int = 1) -> Iterator[StepPacks]:
+    """Each optimizer step takes D x micro_steps packs from the loader (D = world_size / sp_size
+    data-parallel groups), the packs a single process would take with grad_accum = D x micro_steps,
+    and gives this rank's group its balanced share (planner.assign_packs_to_ranks over the D groups):
+    the sp_size consecutive ranks of a group take the same packs (`collate_fn` then keeps this rank's
+    token range: parallel/ulysses.py). Every rank reads the same stream, so the loader position (epoch,
+    index) is the same on all ranks. `collate_fn` builds a pack from its samples (model.vlm's packs for
+    image conversations)."""
     stream = loader.pack_samples()
+    groups = world_size // sp_size
     while True:
-        step_docs = [next(stream) for _ in range(world_size * micro_steps)]
+        step_docs = [next(stream) for _ in range(groups * micro_steps)]
         lengths = [[len(s) for s in docs] for docs in step_docs]
-        assignment = assign_packs_to_ranks(lengths, world_size)
+        assignment = assign_packs_to_ranks(lengths, groups)
         yield StepPacks(
-            packs=[collate_fn(step_docs[p]) for p in assignment.packs_by_rank[rank]],
+            packs=[collate_fn(step_docs[p]) for p in assignment.packs_by_rank[rank // sp_size]],
             num_tokens=sum(map(sum, lengths)),
             doc_lengths=[n for doc in lengths for n in doc],
             assignment=assignment,

@@ -28,7 +28,7 @@ from zeropad.model.hf_writer import save_hf_model
 from zeropad.model.lora import apply_lora
 from zeropad.model.support import check_packable
 from zeropad.model.vlm import check_attn_implementation, position_rule
-from zeropad.parallel import distributed
+from zeropad.parallel import distributed, ulysses
 from zeropad.plan.fit import resolve_checkpointing
 from zeropad.parallel.materialize import materialize, weight_slots
 from zeropad.parallel.sharding import VisionCalls, check_parallel, gradient_sync, loss_scale, parallelize, unwrap
@@ -152,6 +152,9 @@ def evaluate(model, packs: list[Pack], device: torch.device, autocast, loss_chun
         loss_sum += forward_loss_sum(model, pack.to(device), autocast, loss_chunk_tokens).item()
         num_targets += pack.num_targets
     model.train()
+    if ulysses.active() is not None:  # each rank of an SP group evaluated its token range of the same packs
+        loss_sum, num_targets = ulysses.group_sum(torch.tensor([loss_sum, num_targets], dtype=torch.float64,
+                                                                device=device)).tolist()
     return loss_sum / max(1, num_targets)
 
 
@@ -193,12 +196,27 @@ def _check_parallel(cfg: Config, device: torch.device) -> None:
                           "set parallel.strategy to ddp or fsdp")
 
 
+def _check_sequence_parallel(cfg: Config, model_config) -> None:
+    """What parallel.sp_size > 1 does not support (yet), refused before any data is read."""
+    sp_size = cfg.parallel.sp_size
+    if sp_size == 1:
+        return
+    if is_multimodal(model_config):
+        raise ConfigError(f"parallel.sp_size={sp_size}: sequence parallelism does not support vision-language "
+                          "models yet (media tensors and mRoPE positions across ranks); use sp_size=1")
+    if cfg.model.attn_implementation != ATTN_NAME:
+        raise ConfigError(f"parallel.sp_size={sp_size} runs packed attention ({ATTN_NAME}) across ranks; "
+                          f"model.attn_implementation={cfg.model.attn_implementation} cannot be split")
+    ulysses.check_heads(model_config, sp_size)
+
+
 def train(cfg: Config) -> TrainResult:
     device = distributed.device_for(cfg.train.device)
     joined = not distributed.is_initialized()
     distributed.init(device, single=cfg.parallel.cpu_offload and device.type == "cuda")
     try:
-        with StopSignals() as stop:  # armed only while steps run; the previous handlers come back after
+        # the stop signals are armed only while steps run (the previous handlers come back after)
+        with StopSignals() as stop, ulysses.sequence_parallel(cfg.parallel.sp_size):
             result = _train(cfg, stop, device)
         distributed.barrier()  # no rank destroys the group while another still has collectives in flight
         return result
@@ -220,11 +238,15 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model_config = build_model_config(cfg.model)
     check_packable(model_config)  # a family packing cannot keep exact is refused before any data is read
+    _check_sequence_parallel(cfg, model_config)
     processor = load_image_processor(cfg, model_config) if is_multimodal(model_config) else None
     loader, eval_samples, report = _prepare_data(cfg, tokenizer, processor, model_config)
     base_model, model, groups, slots = _build_model(cfg, tokenizer, processor, device)
     collate_fn = collate if processor is None else MultimodalCollator(
         base_model.config, position_rule(base_model), processor, cfg.data.on_bad_sample, report)
+    sp = ulysses.active()
+    if sp is not None:  # every rank of an SP group collates the same pack and keeps its token range
+        collate_fn = lambda docs, whole=collate_fn: ulysses.split_pack(whole(docs), sp.rank, sp.size)  # noqa: E731
     eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
     flops = FlopCounter(model)
     num_params = sum(p.numel() for p in model.parameters())
@@ -253,7 +275,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         progress.write(f"zeropad: memory.chunked_loss is off for this model: {chunked_off}")
     peak = peak_tflops(device, cfg.log.peak_tflops)
 
-    steps_iter = step_packs(loader, cfg.train.grad_accum, world, rank, collate_fn)
+    steps_iter = step_packs(loader, cfg.train.grad_accum, world, rank, collate_fn, cfg.parallel.sp_size)
     result, eval_loss = StepResult(math.nan, math.nan, math.nan), None
     stop.arm()
     for step in range(start + 1, cfg.train.steps + 1):
@@ -272,7 +294,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
             "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": tokens,
             "target_tokens": num_targets, "tokens_per_s": tokens / seconds,
             "pad_fraction": 0.0,  # no pad token ever enters the model
-            "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * world),
+            "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * (world // cfg.parallel.sp_size)),
             "epoch": loader.epoch,
         }
         if len(lrs) > 1:
@@ -312,7 +334,9 @@ def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
     FSDP on several ranks the model is on the meta device, and `slots` (parallel/materialize.py) say where its
     weights go once it is sharded; otherwise it holds its weights and `slots` is None."""
     sharded = cfg.parallel.strategy == "fsdp" and (distributed.world_size() > 1 or cfg.parallel.cpu_offload)
-    base_model = build_model(cfg.model, seed=cfg.train.seed, device="meta" if sharded else "cpu")
+    attn = ulysses.ULYSSES_NAME if cfg.parallel.sp_size > 1 else None  # the varlen attention, across the SP group
+    base_model = build_model(cfg.model, seed=cfg.train.seed, device="meta" if sharded else "cpu",
+                             attn_implementation=attn)
     slots = weight_slots(base_model) if sharded else None
     model = apply_lora(base_model, cfg.model.lora, seed=cfg.train.seed)
     if not sharded:

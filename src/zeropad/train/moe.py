@@ -42,7 +42,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from zeropad.parallel import distributed
+from zeropad.parallel import distributed, ulysses
 from zeropad.parallel.sharding import unwrap
 
 
@@ -154,10 +154,15 @@ class RouterStats:
             return torch.zeros((), device=device)
         # as load_balancing_loss_func: both means pooled over all routed layers' rows
         logits_LTE = [logits.reshape(-1, logits.shape[-1]).float() for logits in self._logits]
-        num_rows = sum(logits_TE.shape[0] for logits_TE in logits_LTE)
-        prob_E = sum(torch.softmax(logits_TE, dim=-1).sum(0) for logits_TE in logits_LTE) / num_rows
-        fraction_E = self._assigned_E.float() / num_rows
-        loss = self.coef * prob_E.shape[0] * (fraction_E * prob_E).sum()
+        prob_sum_E = sum(torch.softmax(logits_TE, dim=-1).sum(0) for logits_TE in logits_LTE)
+        num_rows = prob_sum_E.new_tensor(float(sum(logits_TE.shape[0] for logits_TE in logits_LTE)))
+        sums = torch.cat([prob_sum_E, self._assigned_E.float(), num_rows[None]])
+        # sequence parallelism: the pack's sums over its SP group's token ranges; each rank adds 1/K of the loss
+        sums = ulysses.group_sum(sums)
+        share = 1 if ulysses.active() is None else ulysses.active().size
+        num_experts = prob_sum_E.shape[0]
+        prob_E, fraction_E = sums[:num_experts] / sums[-1], sums[num_experts:-1] / sums[-1]
+        loss = self.coef * num_experts * (fraction_E * prob_E).sum() / share
         self._clear_forward()
         return loss
 
