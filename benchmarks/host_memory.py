@@ -7,7 +7,8 @@ A random Qwen3-architecture model (hidden 1024, 16 layers, intermediate 3072, vo
 parameters, 1.07 GB in fp32) is saved once as Hugging Face safetensors. Then `zeropad train` (model.path set,
 fp32, AdamW, 2 optimizer steps of one small pack per rank, final/ written in shards of --shard-mb) runs in one
 process (parallel.strategy=none) and under torchrun on 2 gloo ranks (parallel.strategy=fsdp); each process
-reports its peak resident set size (getrusage ru_maxrss). Under FSDP every rank builds the model on the meta
+reports its peak resident set size (VmHWM). The "loading" rows run the loop's own steps up to the
+first optimizer step (build, LoRA/checkpointing, FSDP, weights) and stop there. Under FSDP every rank builds the model on the meta
 device, shards it, and reads only its shards' slices of the safetensors files (zeropad/parallel/materialize.py).
 
 The bound each rank should stay under: model-state bytes / N (fp32 weights, gradients and AdamW's two moments:
@@ -36,17 +37,34 @@ TINY = {**MODEL, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, 
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 
 
-def _worker(cfg_path: str, out_dir: str) -> None:
-    """One rank: train, then report this process's peak RSS."""
-    import resource
-
+def _worker(mode: str, cfg_path: str, out_dir: str) -> None:
+    """One rank: load the model as the loop does (mode load) or train (mode train), then report this process's
+    peak RSS."""
     from zeropad.config import load_config
-    from zeropad.parallel import distributed
-    from zeropad.train.loop import train
 
-    train(load_config(cfg_path))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    Path(out_dir, f"rss_{distributed.rank()}.json").write_text(json.dumps({"peak": peak}))
+    cfg = load_config(cfg_path)
+    if mode == "load":  # the loop's own steps up to the first optimizer step, nothing else
+        from zeropad.model.load import load_tokenizer
+        from zeropad.parallel import distributed
+        from zeropad.parallel.materialize import materialize
+        from zeropad.parallel.sharding import parallelize
+        from zeropad.train.loop import _build_model
+
+        device = torch.device("cpu")
+        distributed.init(device)
+        _, model, _, slots = _build_model(cfg, load_tokenizer(cfg.model), None, device)
+        model = parallelize(model, cfg.parallel, cfg.train.dtype, device)
+        if slots is not None:
+            materialize(model, slots, cfg.model, seed=cfg.train.seed, device=device, parallel=cfg.parallel)
+    else:
+        from zeropad.train.loop import train
+
+        train(cfg)  # tears the process group down at the end: the rank comes from torchrun's env
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child started by a parent that
+    # holds the whole model would report the parent's size; VmHWM belongs to this address space alone
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    peak = hwm_kib * 1024
+    Path(out_dir, f"rss_{mode}_{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"peak": peak}))
 
 
 def _save_model(config: dict, directory: Path, seed: int = 0) -> tuple[int, int]:
@@ -59,7 +77,7 @@ def _save_model(config: dict, directory: Path, seed: int = 0) -> tuple[int, int]
     return sum(p.numel() for p in model.parameters()), max(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _run(root: Path, name: str, model_dir: Path, nproc: int, shard_mb: int) -> list[int]:
+def _run(root: Path, name: str, model_dir: Path, nproc: int, shard_mb: int, mode: str = "train") -> list[int]:
     from zeropad.demo.tokenizer import build_tokenizer
 
     tokenizer_dir = root / "tokenizer"
@@ -83,7 +101,8 @@ def _run(root: Path, name: str, model_dir: Path, nproc: int, shard_mb: int) -> l
     cfg_path = root / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    me = [str(Path(__file__).resolve()), "--worker", str(cfg_path), str(out)]
+    out.mkdir(parents=True, exist_ok=True)
+    me = [str(Path(__file__).resolve()), "--worker", mode, str(cfg_path), str(out)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *me]
     else:
@@ -91,14 +110,14 @@ def _run(root: Path, name: str, model_dir: Path, nproc: int, shard_mb: int) -> l
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return [json.loads((out / f"rss_{r}.json").read_text())["peak"] for r in range(nproc)]
+    return [json.loads((out / f"rss_{mode}_{r}.json").read_text())["peak"] for r in range(nproc)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"])
     parser.add_argument("--shard-mb", type=int, default=128, help="final/ safetensors shard size")
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return _worker(*args.worker)
@@ -110,6 +129,8 @@ def main() -> None:
         rows = {
             "framework (tiny model, 1 process)": _run(root, "tiny1", root / "tiny", 1, args.shard_mb),
             "framework (tiny model, FSDP 2 ranks)": _run(root, "tiny2", root / "tiny", 2, args.shard_mb),
+            "one process, loading": _run(root, "one-load", root / "model", 1, args.shard_mb, "load"),
+            "FSDP, 2 ranks, loading": _run(root, "fsdp2-load", root / "model", 2, args.shard_mb, "load"),
             "one process": _run(root, "one", root / "model", 1, args.shard_mb),
             "FSDP, 2 ranks": _run(root, "fsdp2", root / "model", 2, args.shard_mb),
         }
@@ -126,8 +147,8 @@ def main() -> None:
         text = ", ".join(f"{p / MiB:,.0f}" for p in peaks)
         print(f"| {name} | {text} | {max(peaks) / one:.2f}x |")
     print(f"\nbound per rank at 2 ranks: states/2 {states / 2 / MiB:,.0f} + largest tensor {largest / MiB:,.0f} + "
-          f"framework {framework2 / MiB:,.0f} = {bound / MiB:,.0f} MiB; FSDP peak / bound = "
-          f"{max(rows['FSDP, 2 ranks']) / bound:.2f}")
+          f"framework {framework2 / MiB:,.0f} = {bound / MiB:,.0f} MiB; FSDP peak / bound: loading "
+          f"{max(rows['FSDP, 2 ranks, loading']) / bound:.2f}, training {max(rows['FSDP, 2 ranks']) / bound:.2f}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ model.config) or one whole module's parameters; never the model.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
@@ -90,6 +92,7 @@ def _load_from_path(cfg: ModelConfig, slots: Slots, device: torch.device, replic
     for name, (module, attr) in slots.items():
         _fill(name, getattr(module, attr), tensors[name])
     del loaded, tensors
+    gc.collect()  # the loading copy is freed only with its reference cycles: otherwise it outlives the step
 
 
 def materialize(model: torch.nn.Module, slots: Slots, cfg: ModelConfig, *, seed: int, device: torch.device,
