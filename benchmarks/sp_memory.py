@@ -3,13 +3,13 @@
 One forward + loss of a Qwen3-shape model (hidden 256, 4 layers, 8 heads, 4 KV heads, vocab 2048; fp32, CPU) on
 one pack of --tokens tokens (random documents of 32-2048 tokens, so that documents cross the split). Measured:
 the bytes autograd saves for backward (zeropad.model.checkpointing.saved_activation_bytes: saved-tensor hooks,
-deduplicated by storage, weights excluded), at sp_size=1 in this process and at sp_size=2 in two gloo processes
+deduplicated by storage, weights excluded), at sp_size=1 in one process and at sp_size=2 in two gloo processes
 (torchrun; each rank its own token range, Ulysses attention over the whole pack, parallel/ulysses.py), each rank
-reporting its own bytes. Predicted: the planner's activations row (zeropad.plan.memory.activations) for the same
-pack and sp_size. Run from the repository root:
+reporting its own bytes; one torchrun launch, whose rank 0 measures sp_size 1 alone first. Predicted: the
+planner's activations row (zeropad.plan.memory.activations) for the same pack and sp_size. From the repository root:
 
-    python benchmarks/sp_memory.py                    # 16,384 tokens, about a minute on two busy cores
-    python benchmarks/sp_memory.py --tokens 512 --json
+    python benchmarks/sp_memory.py                    # 16,384 tokens, about 3 minutes on two busy cores
+    python benchmarks/sp_memory.py --tokens 1024 --runs none:chunked
 """
 
 from __future__ import annotations
@@ -71,9 +71,13 @@ def measure(tokens: int, run: str, sp: ulysses.SequenceParallel | None) -> dict:
 
 
 def worker(tokens: int, runs: list[str]) -> None:
-    """One rank of the sp_size=2 group (under torchrun): one JSON line per run."""
+    """One rank (under torchrun, 2 processes): rank 0 first measures sp_size 1 alone, then both ranks sp_size 2;
+    one JSON line per measurement."""
     distributed.init(torch.device("cpu"))
     try:
+        if distributed.rank() == 0:
+            for run in runs:
+                print("RESULT " + json.dumps(measure(tokens, run, None)), flush=True)
         with ulysses.sequence_parallel(2) as sp:
             for run in runs:
                 print("RESULT " + json.dumps(measure(tokens, run, sp)), flush=True)
@@ -81,7 +85,8 @@ def worker(tokens: int, runs: list[str]) -> None:
         distributed.teardown()
 
 
-def sp2_rows(tokens: int, runs: list[str]) -> list[dict]:
+def launch(tokens: int, runs: list[str]) -> list[dict]:
+    """The rows of `worker` on 2 gloo ranks (one torchrun launch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            "--worker", "--tokens", str(tokens), "--runs", ",".join(runs)]
@@ -106,22 +111,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--runs", default=",".join(RUNS), help="policy:loss pairs, comma-separated")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON, no table")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a torchrun rank
+    parser.add_argument("--worker", action="store_true", help="be one rank (run under torchrun, 2 processes)")
     args = parser.parse_args()
     runs = args.runs.split(",")
     if args.worker:
         return worker(args.tokens, runs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank
-    try:
-        rows = [measure(args.tokens, run, None) for run in runs]
-    finally:
-        torch.set_num_threads(threads)
-    rows += sp2_rows(args.tokens, runs)
-    if args.json:
-        print(json.dumps(rows))
-        return
+    rows = launch(args.tokens, runs)
     inside = rows[0]["split_inside_document"]
     print(f"torch {torch.__version__}; qwen3 h256, 4 layers, 8 heads, 4 KV heads, vocab 2048, fp32, CPU; "
           f"{args.tokens:,} tokens in {len(doc_lengths(args.tokens))} documents (the SP=2 split "
