@@ -8,7 +8,7 @@ deduplicated by storage, weights excluded), at sp_size=1 in one process and at s
 reporting its own bytes; one torchrun launch, whose rank 0 measures sp_size 1 alone first. Predicted: the
 planner's activations row (zeropad.plan.memory.activations) for the same pack and sp_size. From the repository root:
 
-    python benchmarks/sp_memory.py                    # 16,384 tokens, about 3 minutes on two busy cores
+    python benchmarks/sp_memory.py                    # 16,384 tokens, about 3.5 minutes on two busy cores
     python benchmarks/sp_memory.py --tokens 1024 --runs none:chunked
 """
 
@@ -102,7 +102,8 @@ def table(rows: list[dict]) -> str:
              "| SP2/SP1 measured |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (RUNS.index(r["run"]) if r["run"] in RUNS else 0, r["sp_size"], r["rank"])):
         ratio = f"{r['measured'] / one[r['run']]:.3f}" if r["sp_size"] > 1 and r["run"] in one else ""
-        lines.append(f"| {r['run']} | {r['sp_size']} | {r['rank']} | {r['rank_tokens']:,} | {r['measured'] / 1e6:.2f} MB "
+        lines.append(f"| {r['run']} | {r['sp_size']} | {r['rank']} | {r['rank_tokens']:,} "
+                     f"| {r['measured'] / 1e6:.2f} MB "
                      f"| {r['predicted'] / 1e6:.2f} MB | {r['measured'] / r['predicted']:.3f} | {ratio} |")
     return "\n".join(lines)
 

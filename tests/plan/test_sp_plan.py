@@ -55,8 +55,10 @@ def test_sp_on_the_cuda_path_adds_o_proj_inputs_and_repeated_kv_heads():
     assert two["backward working set"] == pytest.approx(one["backward working set"] / 2 + TOKENS / 2 * q_bytes)
     assert two["loss buffers (chunked)"] == one["loss buffers (chunked)"]  # one chunk of 4096 tokens either way
     # per local token, attention's saved bytes are those of 2 x 32 query heads and 2 x max(KV heads, K) KV heads
-    attn = lambda kv, k: layer_bytes_per_token(replace(ARCH, num_kv_heads=kv), PRECISIONS["bf16"], "cuda", False,  # noqa: E731
-                                               k)[0]["attention q, k, v, out, lse"]
+    def attn(kv: int, k: int) -> int:
+        arch = replace(ARCH, num_kv_heads=kv)
+        return layer_bytes_per_token(arch, PRECISIONS["bf16"], "cuda", False, k)[0]["attention q, k, v, out, lse"]
+
     expected = lambda kv_heads: (2 * 32 + 2 * kv_heads) * ARCH.head_dim * 2 + 4 * 32  # noqa: E731
     assert [attn(8, 1), attn(8, 8), attn(8, 16), attn(1, 1), attn(1, 2)] == [
         expected(8), expected(8), expected(16), expected(1), expected(2)]
