@@ -22,7 +22,7 @@ def setup_from_config(cfg: Config, backend: str, **options) -> Setup:
     return replace(Setup(
         precision=cfg.train.dtype, checkpointing=m.checkpointing, offload_activations=m.offload_activations,
         chunked_loss=m.chunked_loss, loss_chunk_tokens=m.loss_chunk_tokens, backend=backend,
-        grad_accum=cfg.train.grad_accum,
+        grad_accum=cfg.train.grad_accum, sp_size=cfg.parallel.sp_size,
     ), **options)
 
 

@@ -7,6 +7,13 @@ master weights, momentum, variance); ZeRO-1/2/3 shard the optimizer state / + gr
 backward in a Hugging Face decoder layer (modeling_qwen3.py, modeling_llama.py, modeling_qwen3_moe.py)
 as zeropad runs it, per token, so they scale with T = pack.max_tokens and nothing else.
 
+Sequence parallelism (parallel.sp_size = K, parallel/ulysses.py) gives each device ceil(T/K) of the pack's
+tokens: everything outside attention, the loss included, is per local token. Attention saves its q, k, v,
+output and log-sum-exp in the head-scattered layout (T tokens x H/K heads: the bytes of T/K tokens x H
+heads), the all-to-all outputs themselves (the all-to-alls save nothing of their own); KV heads fewer than
+K are repeated to K first. The returned output is a new tensor, o_proj's saved input, on every backend.
+Model states are sharded over all devices (DP x SP) as without SP.
+
 Names: T tokens per micro-step, V vocab, H hidden, I intermediate, Ψ parameters, c compute bytes.
 """
 
@@ -65,11 +72,16 @@ class Setup:
     backend: str = "cuda"  # cuda: flash/varlen attention; cpu: per-document SDPA
     grad_accum: int = 1
     replicate: int = 1  # HSDP: the devices form `replicate` groups; states are sharded within a group
+    sp_size: int = 1  # sequence parallelism: the devices that share one pack, each holding 1/sp_size of it
 
     @property
     def shards(self) -> int:
         """Devices the sharded model states are divided over: all of them, or one HSDP replica's."""
         return self.num_devices // self.replicate
+
+    def device_tokens(self, tokens: int) -> int:
+        """Tokens of a `tokens` pack on one device: the largest of sp_size ranges (torch.tensor_split's sizes)."""
+        return -(-tokens // self.sp_size)
 
 
 @dataclass
@@ -132,9 +144,9 @@ def _rmsnorm(width: int, rows: int, in_bytes: int) -> int:
     return 4 * width + 4 * rows + in_bytes * width
 
 
-def layer_bytes_per_token(a: Arch, p: Precision, backend: str, moe: bool) -> tuple[dict, dict]:
-    """Bytes autograd saves per token in one decoder layer, without checkpointing: (the attention
-    block and the norms around it, the MLP module)."""
+def layer_bytes_per_token(a: Arch, p: Precision, backend: str, moe: bool, sp_size: int = 1) -> tuple[dict, dict]:
+    """Bytes autograd saves per (device-local) token in one decoder layer, without checkpointing: (the
+    attention block and the norms around it, the MLP module)."""
     c, r = p.compute, p.residual
     norm_out = max(p.param, r)  # weight * normalised input promotes to the wider dtype
     H, nq, nkv = a.hidden, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
@@ -149,8 +161,11 @@ def layer_bytes_per_token(a: Arch, p: Precision, backend: str, moe: bool) -> tup
     # RoPE saves only cos/sin (once per forward). Attention saves q, k, v, its output and a fp32
     # log-sum-exp per head; the per-document SDPA output is re-laid out for o_proj (one more copy),
     # while the flash/varlen output is o_proj's input as is.
-    attn["attention q, k, v, out, lse"] = (2 * nq + 2 * nkv) * c + 4 * a.num_heads
-    attn["o_proj input"] = nq * c if backend == "cpu" else 0
+    # Under SP the same bytes, head-scattered (T x H/K per device); a rank attends whole KV heads, repeated
+    # when there are fewer than K, and o_proj saves the returning all-to-all's output.
+    kv_attended = max(a.num_kv_heads, sp_size) * a.head_dim if sp_size > 1 else nkv
+    attn["attention q, k, v, out, lse"] = (2 * nq + 2 * kv_attended) * c + 4 * a.num_heads
+    attn["o_proj input"] = nq * c if backend == "cpu" or sp_size > 1 else 0
     attn["mlp norm"] = _rmsnorm(H, 1, r)
     if moe:
         k = a.experts_per_token
@@ -205,7 +220,7 @@ def per_layer_bytes(a: Arch, setup: Setup) -> tuple[float, float]:
     p = PRECISIONS[setup.precision]
     totals = []
     for moe in (False, True):
-        attn, mlp = layer_bytes_per_token(a, p, setup.backend, moe)
+        attn, mlp = layer_bytes_per_token(a, p, setup.backend, moe, setup.sp_size)
         if setup.checkpointing == "selective":  # the MLP keeps its input, the mlp norm's output
             wrapped = sum(attn.values()) + a.hidden * max(p.param, p.residual)
         else:
@@ -217,9 +232,10 @@ def per_layer_bytes(a: Arch, setup: Setup) -> tuple[float, float]:
 
 
 def activations(a: Arch, setup: Setup, tokens: int) -> list[Component]:
-    """Saved activations, loss buffers and the backward working set, for `tokens` per micro-step."""
+    """Saved activations, loss buffers and the backward working set, for a pack of `tokens` per micro-step
+    (of which a device holds `setup.device_tokens(tokens)`)."""
     p = PRECISIONS[setup.precision]
-    T = tokens
+    T = setup.device_tokens(tokens)
     full, wrapped = per_layer_bytes(a, setup)
     num_wrapped = checkpointed_layers(setup.checkpointing, a.num_layers)
     layers = (a.num_layers - num_wrapped) * full + num_wrapped * wrapped
@@ -233,8 +249,9 @@ def activations(a: Arch, setup: Setup, tokens: int) -> list[Component]:
         outside += a.hidden * (p.compute if p.autocast else max(p.param, p.residual)) + fp32_logits
     where = "host" if setup.offload_activations else "device"
     kept = f"{wrapped / 1024:.2f} if wrapped" if num_wrapped else "none wrapped"
+    local = f"{T} tokens per device (sequence parallel x {setup.sp_size}); " if setup.sp_size > 1 else ""
     rows = [_placed(f"activations ({setup.checkpointing})", T * (layers + outside), where,
-                    f"KiB/token/layer: {full / 1024:.2f} full, {kept}"
+                    f"{local}KiB/token/layer: {full / 1024:.2f} full, {kept}"
                     + ("" if setup.chunked_loss else "; incl. T x V fp32 log-softmax"))]
     if p.autocast:
         # autocast caches a bf16 copy of each weight it casts until the forward ends; the experts

@@ -10,6 +10,7 @@ import torch
 from zeropad.config import Config
 from zeropad.errors import ConfigError
 from zeropad.model.load import build_model
+from zeropad.parallel import ulysses
 from zeropad.plan.arch import Arch, arch_of
 from zeropad.plan.fit import (MARGIN, Option, budget_bytes, detect_device_bytes, options, parse_size, recommend,
                               setup_from_config)
@@ -95,6 +96,8 @@ def render(result: dict) -> str:
         f"model: {a['description']}, {a['num_layers']} layers, hidden {a['hidden']}, vocab {a['vocab']}",
         f"setup: {s['precision']}, {s['optimizer']}, {s['strategy']} on {s['num_devices']} device(s)"
         + (f" as {s['replicate']} HSDP replicas of {s['num_devices'] // s['replicate']}" if s["replicate"] > 1 else "")
+        + (f", sequence parallel x {s['sp_size']}: {-(-result['tokens'] // s['sp_size'])} tokens per device"
+           if s["sp_size"] > 1 else "")
         + ", "
         f"pack.max_tokens={result['tokens']}, checkpointing {s['checkpointing']}, "
         f"{'chunked' if s['chunked_loss'] else 'plain'} loss, {s['backend']} attention path",
@@ -151,6 +154,9 @@ def run(cfg: Config, *, num_devices: int, device_memory: str | None, strategy: s
     replicate = cfg.parallel.replicate if num_devices > 1 else 1
     if num_devices % replicate:
         raise ConfigError(f"parallel.replicate ({replicate}) must divide --devices ({num_devices})")
+    if num_devices % cfg.parallel.sp_size:
+        raise ConfigError(f"parallel.sp_size ({cfg.parallel.sp_size}) must divide --devices ({num_devices}): "
+                          "each pack is shared by sp_size devices")
     setup = setup_from_config(
         cfg, "cpu" if on_cpu else "cuda", num_devices=num_devices, optimizer=optimizer, replicate=replicate,
         strategy=strategy or ("none" if num_devices == 1 else "zero3"), precision=precision or cfg.train.dtype)
@@ -163,5 +169,6 @@ def run(cfg: Config, *, num_devices: int, device_memory: str | None, strategy: s
     else:
         device_bytes = None
     model = build_model(cfg.model, device="meta", lora=True)  # shapes only: no weights are read or allocated
+    ulysses.check_heads(model.config, cfg.parallel.sp_size)
     result = build(arch_of(model), setup, cfg.pack.max_tokens, device_bytes, cfg.checkpoint.max_shard_size)
     return json.dumps(result, indent=2) if as_json else render(result)
