@@ -33,7 +33,9 @@ import torch
 from huggingface_hub import get_torch_storage_size, split_state_dict_into_shards_factory
 from safetensors.torch import save_file
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.dynamic_module_utils import custom_object_save
 
@@ -78,8 +80,9 @@ def save_hf_model(model: torch.nn.Module, out_dir: str | Path, max_shard_size: i
     load = load or (lambda names: {name: _whole(own[name]) for name in names})
     meta = {name: torch.empty(own[t.name].shape, dtype=own[t.name].dtype, device="meta")
             for name, t in tensors.items()}
-    whole = revert_weight_conversion(hf_model, dict(meta))  # the names and order save_pretrained writes
-    groups, saved = _conversion_groups(hf_model, meta, whole)
+    namer = _unsharded(hf_model)
+    whole = revert_weight_conversion(namer, dict(meta))  # the names and order save_pretrained writes
+    groups, saved = _conversion_groups(namer, meta, whole)
     # Saved pieces that are views of one tensor (an MoE's experts, cut from their fused tensor) share a storage:
     # save_pretrained's split keeps them in one file and counts that storage once. Their meta views tell the same.
     split = split_state_dict_into_shards_factory(
@@ -90,7 +93,7 @@ def save_hf_model(model: torch.nn.Module, out_dir: str | Path, max_shard_size: i
     first_file = {group: files[min(file_index[key] for key in pieces)] for group, pieces in saved.items()}
     out = Path(out_dir)
     if write:
-        _write_configs(hf_model, out)
+        _write_configs(hf_model, namer, out)
         _remove_stale_weights(out, set(files))
     pending: dict[str, torch.Tensor] = {}  # saved tensors loaded, not yet written
     for file, keys in split.filename_to_tensors.items():
@@ -101,7 +104,7 @@ def save_hf_model(model: torch.nn.Module, out_dir: str | Path, max_shard_size: i
                     pending[name] = _merged(tensors[name], loaded)
                 del loaded
             if write:
-                pending.update(revert_weight_conversion(hf_model, {n: pending.pop(n) for n in groups[group]}))
+                pending.update(revert_weight_conversion(namer, {n: pending.pop(n) for n in groups[group]}))
         if write:
             save_file({key: pending.pop(key).contiguous() for key in keys}, str(out / file), metadata={"format": "pt"})
     if write and split.is_sharded:
@@ -194,14 +197,26 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor()
 
 
-def _write_configs(hf_model, out: Path) -> None:
-    """config.json and generation_config.json as save_pretrained writes them."""
+def _unsharded(hf_model):
+    """The model as transformers knows it. FSDP2 swaps a sharded model's class for one it makes on the fly
+    (FSDP<Name>, defined in torch), which transformers takes for remote code of an unknown class: its weight
+    conversions (the names save_pretrained writes) and its architecture name would be lost. A meta-device
+    instance of the original class (shapes only, no memory) answers for it."""
+    if not isinstance(hf_model, FSDPModule):
+        return hf_model
+    cls = next(c for c in type(hf_model).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        return cls(hf_model.config)
+
+
+def _write_configs(hf_model, unsharded, out: Path) -> None:
+    """config.json and generation_config.json as save_pretrained writes them; `unsharded`: `_unsharded(hf_model)`."""
     out.mkdir(parents=True, exist_ok=True)
     config = hf_model.config
     config.dtype = str(hf_model.dtype).split(".")[1]  # as save_pretrained sets them
-    config.architectures = [type(hf_model).__name__.removeprefix("FSDP")]
-    if hf_model.is_remote_code():
-        custom_object_save(hf_model, out, config=config)
+    config.architectures = [type(unsharded).__name__]
+    if unsharded.is_remote_code():
+        custom_object_save(unsharded, out, config=config)
     config.save_pretrained(out)
     if hf_model.can_generate():
         hf_model.generation_config.save_pretrained(out)
