@@ -44,16 +44,17 @@ from zeropad.pack.collate import PositionRule
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values, as transformers' Qwen VL models expect
 
 
-def packed_attn_implementation(vision: str = "sdpa") -> dict[str, str]:
-    """`attn_implementation` for a packed VLM: varlen for the language model, a stock backend for the vision
-    tower (it does its own per-image segmentation)."""
+def packed_attn_implementation(vision: str = "sdpa", text: str = ATTN_NAME) -> dict[str, str]:
+    """`attn_implementation` for a packed VLM: varlen for the language model (`text`: zeropad_ulysses under
+    sequence parallelism), a stock backend for the vision tower (it does its own per-image segmentation)."""
     if vision == ATTN_NAME:
         raise ValueError(f"the vision tower cannot use {ATTN_NAME}: use 'sdpa', 'eager' or (Qwen only) a flash backend")
-    return {"text_config": ATTN_NAME, "vision_config": vision}
+    return {"text_config": text, "vision_config": vision}
 
 
-def check_attn_implementation(model) -> None:
-    """ValueError unless the model's attention is set as the packed path needs (per sub-model for a VLM)."""
+def check_attn_implementation(model, text: str = ATTN_NAME) -> None:
+    """ValueError unless the model's attention is set as the packed path needs (per sub-model for a VLM; `text`,
+    the language model's packed backend)."""
     family = vision_family(model.config)
     if family.fixed_image_tokens is not None:  # early fusion: one causal LM, its VQ encoder reads no backend
         if model.config._attn_implementation != ATTN_NAME:
@@ -62,9 +63,9 @@ def check_attn_implementation(model) -> None:
         return
     text_impl = model.config.text_config._attn_implementation
     vision_impl = model.config.vision_config._attn_implementation
-    if text_impl != ATTN_NAME or vision_impl == ATTN_NAME:
+    if text_impl != text or vision_impl == ATTN_NAME:
         raise ValueError(
-            f"a packed VLM needs attn_implementation={packed_attn_implementation()} "
+            f"a packed VLM needs attn_implementation={packed_attn_implementation(text=text)} "
             f"(got text {text_impl!r}, vision {vision_impl!r}); call model.set_attn_implementation(...)"
         )
     if family.vision_gets_text_kwargs and "flash" in vision_impl:

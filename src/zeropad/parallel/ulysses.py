@@ -18,7 +18,16 @@ The scheme (DeepSpeed-Ulysses, over packed documents):
             reduce over all of them, as without SP. An MoE's load-balancing loss is a product of two
             whole-pack means, so its sums are all-reduced over the SP group (`group_sum`) and each rank adds 1/K.
 
-Not yet: vision-language models (media tensors across ranks, mRoPE slicing). Suffixes as in model/attention.py.
+  images    a vision-language model (Qwen2.5-VL, Qwen3-VL) keeps the whole pack's ids, positions and media on
+            every rank of the group (`split_pack(..., whole_inputs=True)`): its own forward runs the vision tower on
+            all of the pack's images, the same call on every rank (so FSDP's collectives and sharding.VisionCalls stay
+            in step), and scatters the features at their tokens; a forward pre-hook on its language model
+            (`keep_token_range`) then keeps this rank's range of the input embeddings and positions (3-axis mRoPE,
+            computed per document for the whole pack) and of Qwen3-VL's deepstack features. An image may cross
+            a range boundary: each rank back-propagates through its slice only, so the gradients' sum over the
+            group is the whole pack's, for the tower as for the rest.
+
+Suffixes as in model/attention.py.
 """
 
 from __future__ import annotations
@@ -51,20 +60,25 @@ def token_sizes(num_tokens: int, sp_size: int) -> list[int]:
     return [base + (i < extra) for i in range(sp_size)]
 
 
-def split_pack(pack: Pack, sp_rank: int, sp_size: int) -> Pack:
+def split_pack(pack: Pack, sp_rank: int, sp_size: int, whole_inputs: bool = False) -> Pack:
     """This rank's contiguous token range of `pack`: ids, positions and targets sliced; `cu_seqlens`, `max_seqlen`
     and `doc_lengths` kept whole (attention runs on the whole pack), so `num_tokens` is the whole pack's, while
-    `num_targets` counts this range's targets only."""
-    if pack.media:
-        raise ZeropadError("parallel.sp_size > 1 does not split media tensors yet (vision-language models)")
+    `num_targets` counts this range's targets only. With `whole_inputs` (a vision-language model, whose decoder
+    keeps the range itself: `keep_token_range`) only the targets are sliced; ids, positions and media stay whole."""
+    if pack.media and not whole_inputs:
+        raise ZeropadError("split_pack: a pack with media keeps its inputs whole (whole_inputs=True, with "
+                           "keep_token_range on the model)")
     sizes = token_sizes(pack.num_tokens, sp_size)
     if min(sizes) == 0:
         raise ZeropadError(f"a pack of {pack.num_tokens} tokens cannot be split over parallel.sp_size={sp_size} ranks")
     start = sum(sizes[:sp_rank])
     cut = lambda t: t[..., start:start + sizes[sp_rank]].contiguous()  # noqa: E731
     targets = cut(pack.target_ids)
+    num_targets = int((targets != IGNORE_INDEX).sum())
+    if whole_inputs:
+        return replace(pack, target_ids=targets, num_targets=num_targets)
     return replace(pack, input_ids=cut(pack.input_ids), position_ids=cut(pack.position_ids), target_ids=targets,
-                   num_targets=int((targets != IGNORE_INDEX).sum()))
+                   num_targets=num_targets)
 
 
 def check_heads(config, sp_size: int) -> None:
@@ -146,6 +160,31 @@ def sequence_parallel(sp_size: int):
 def group_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over this rank's SP group (with gradient: its backward sums the gradients); itself without SP."""
     return tensor if _ACTIVE is None else dist_fn.all_reduce(tensor, group=_ACTIVE.group)
+
+
+def keep_token_range(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """A forward pre-hook on a VLM's language model that keeps this rank's token range of what the multimodal
+    model built for the whole pack (see the module docstring); a no-op outside an SP run."""
+    return model.get_decoder().register_forward_pre_hook(_slice_decoder_inputs, with_kwargs=True)
+
+
+def _slice_decoder_inputs(module, args, kwargs):
+    sp = _ACTIVE
+    if sp is None:
+        return None
+    embeds = kwargs["inputs_embeds"]
+    sizes = sp.sizes(kwargs["cu_seq_lens_q"])
+    if embeds.shape[1] != sum(sizes):
+        raise ZeropadError(f"{ULYSSES_NAME}: the language model got {embeds.shape[1]} input embeddings for a pack of "
+                           f"{sum(sizes)} tokens (a VLM's pack keeps its inputs whole: split_pack(whole_inputs=True))")
+    start, end = sum(sizes[:sp.rank]), sum(sizes[:sp.rank + 1])
+    kept = {**kwargs, "inputs_embeds": embeds[:, start:end], "position_ids": kwargs["position_ids"][..., start:end]}
+    visual = kwargs.get("visual_pos_masks")
+    if visual is not None:  # Qwen3-VL's deepstack: features added at the visual tokens inside the decoder, in order
+        before, inside = int(visual[:, :start].sum()), int(visual[:, start:end].sum())
+        kept["visual_pos_masks"] = visual[:, start:end]
+        kept["deepstack_visual_embeds"] = [e[before:before + inside] for e in kwargs["deepstack_visual_embeds"]]
+    return args, kept
 
 
 def ulysses_attention_forward(module, query, key, value, attention_mask, s_aux=None, cu_seq_lens_q=None, **kwargs):

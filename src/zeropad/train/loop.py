@@ -18,7 +18,7 @@ from zeropad.data.chat import ensure_chat_template
 from zeropad.errors import ConfigError
 from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_samples
 from zeropad.data.multimodal import MultimodalCollator, load_image_processor, load_vision_samples
-from zeropad.family import is_multimodal
+from zeropad.family import QWEN_VL, is_multimodal, media_family
 from zeropad.model.load import build_model, build_model_config, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack, collate
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
@@ -27,7 +27,7 @@ from zeropad.model.attention import ATTN_NAME
 from zeropad.model.hf_writer import save_hf_model
 from zeropad.model.lora import apply_lora
 from zeropad.model.support import check_packable
-from zeropad.model.vlm import check_attn_implementation, position_rule
+from zeropad.model.vlm import check_attn_implementation, packed_attn_implementation, position_rule
 from zeropad.parallel import distributed, ulysses
 from zeropad.plan.fit import resolve_checkpointing
 from zeropad.parallel.materialize import materialize, weight_slots
@@ -201,9 +201,10 @@ def _check_sequence_parallel(cfg: Config, model_config) -> None:
     sp_size = cfg.parallel.sp_size
     if sp_size == 1:
         return
-    if is_multimodal(model_config):
-        raise ConfigError(f"parallel.sp_size={sp_size}: sequence parallelism does not support vision-language "
-                          "models yet (media tensors and mRoPE positions across ranks); use sp_size=1")
+    family = media_family(model_config)
+    if family is not None and family.model_type not in QWEN_VL:
+        raise ConfigError(f"parallel.sp_size={sp_size}: sequence parallelism supports the vision-language models "
+                          f"{', '.join(QWEN_VL)}, not {family.model_type} yet; use sp_size=1")
     if cfg.model.attn_implementation != ATTN_NAME:
         raise ConfigError(f"parallel.sp_size={sp_size} runs packed attention ({ATTN_NAME}) across ranks; "
                           f"model.attn_implementation={cfg.model.attn_implementation} cannot be split")
@@ -246,7 +247,10 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         base_model.config, position_rule(base_model), processor, cfg.data.on_bad_sample, report)
     sp = ulysses.active()
     if sp is not None:  # every rank of an SP group collates the same pack and keeps its token range
-        collate_fn = lambda docs, whole=collate_fn: ulysses.split_pack(whole(docs), sp.rank, sp.size)  # noqa: E731
+        if processor is not None:  # a VLM embeds the whole pack (all its images); its decoder keeps the range
+            ulysses.keep_token_range(base_model)
+        collate_fn = lambda docs, whole=collate_fn: ulysses.split_pack(  # noqa: E731
+            whole(docs), sp.rank, sp.size, whole_inputs=processor is not None)
     eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
     flops = FlopCounter(model)
     num_params = sum(p.numel() for p in model.parameters())
@@ -334,7 +338,9 @@ def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
     FSDP on several ranks the model is on the meta device, and `slots` (parallel/materialize.py) say where its
     weights go once it is sharded; otherwise it holds its weights and `slots` is None."""
     sharded = cfg.parallel.strategy == "fsdp" and (distributed.world_size() > 1 or cfg.parallel.cpu_offload)
-    attn = ulysses.ULYSSES_NAME if cfg.parallel.sp_size > 1 else None  # the varlen attention, across the SP group
+    attn = None
+    if cfg.parallel.sp_size > 1:  # the varlen attention across the SP group (a VLM's language model only)
+        attn = ulysses.ULYSSES_NAME if processor is None else packed_attn_implementation(text=ulysses.ULYSSES_NAME)
     base_model = build_model(cfg.model, seed=cfg.train.seed, device="meta" if sharded else "cpu",
                              attn_implementation=attn)
     slots = weight_slots(base_model) if sharded else None
@@ -345,7 +351,7 @@ def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
     check_vocab(model, tokenizer)
     if processor is not None and cfg.model.attn_implementation == ATTN_NAME:
         try:  # a VLM design zeropad cannot pack, or a vision backend that would break, stops before any step
-            check_attn_implementation(base_model)
+            check_attn_implementation(base_model, ulysses.ULYSSES_NAME if cfg.parallel.sp_size > 1 else ATTN_NAME)
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
     apply_checkpointing(model, resolve_checkpointing(cfg, model))
