@@ -219,6 +219,13 @@ def test_a_pack_splits_into_contiguous_ranges_with_the_whole_pack_metadata():
     assert sum(p.num_targets for p in parts) == pack.num_targets
     with pytest.raises(Exception, match="a pack of 17 tokens cannot be split over parallel.sp_size=32 ranks"):
         ulysses.split_pack(pack, 0, 32)
+    # a VLM's pack: only the targets are cut; the model embeds the whole pack, its language model keeps the range
+    pack.media = {"pixel_values": torch.zeros(4, 3)}
+    with pytest.raises(Exception, match="a pack with media keeps its inputs whole"):
+        ulysses.split_pack(pack, 0, 2)
+    whole = ulysses.split_pack(pack, 1, 2, whole_inputs=True)
+    assert torch.equal(whole.target_ids, parts[1].target_ids) and whole.num_targets == parts[1].num_targets
+    assert whole.input_ids is pack.input_ids and whole.position_ids is pack.position_ids and whole.media is pack.media
 
 
 def test_head_counts_the_all_to_all_cannot_split_are_refused():
