@@ -73,12 +73,8 @@ def _split_points_inside_documents(cfg: dict, packs_per_step: int = GRAD_ACCUM) 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sequence_parallel_two_ranks_equal_one_process(tmp_path, case):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1)
-    try:  # one process, the same grad_accum: with 2 ranks in one SP group there is one data-parallel group
-        train(build_config(_config(tmp_path, case, "one")))
-    finally:
-        torch.set_num_threads(threads)
+    # one process, the same grad_accum: with 2 ranks in one SP group there is one data-parallel group
+    _train_one_process(_config(tmp_path, case, "one"))
     cfg = _config(tmp_path, case, "sp", strategy="fsdp", sp_size=2)
     assert _split_points_inside_documents(cfg) >= 2  # of the run's 6 packs: documents cross the split
     (tmp_path / "sp.yaml").write_text(yaml.safe_dump(cfg))
