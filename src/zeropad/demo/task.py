@@ -114,8 +114,8 @@ def default_config(out_dir: str) -> dict:
         "pack": {"max_tokens": 2048},
         "train": {
             # Tuned for robustness across seeds and small numeric changes: lr 3e-3 / 500 steps
-            # learned or not depending on the run (95.5% vs 19.5%); this gives 99.5% and 96.5%
-            # on seeds 0 and 1.
+            # learned or not depending on the run (95.5% vs 19.5%); this gave 99.5% and 96.5%
+            # on seeds 0 and 1, and 99.0% on seed 0 with the module-by-module init (model/init.py).
             "steps": 700,
             "lr": 2e-3,
             "warmup_steps": 30,
