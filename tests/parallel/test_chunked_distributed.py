@@ -7,14 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_distributed import _final_weights, _torchrun  # noqa: E402
-from tinyrun import run_config, step_records  # noqa: E402
-from zeropad.config import build_config  # noqa: E402
-from zeropad.train.loop import train  # noqa: E402
+from tinyrun import run_config, step_records, train_as_one_rank  # noqa: E402
 
 STEPS = 3
 
@@ -32,12 +29,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     """One process, the plain loss, grad_accum 4: the packs 2 ranks x 2 micro-steps see per step."""
     root = tmp_path_factory.mktemp("chunked-dist")
     out = root / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1)
-    try:
-        train(build_config(_config(root, out, grad_accum=4, chunked=False)))
-    finally:
-        torch.set_num_threads(threads)
+    train_as_one_rank(_config(root, out, grad_accum=4, chunked=False))
     return root, out
 
 

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))  # the tiny run shared with the train tests
-from tinyrun import run_config, saved_initial_model, step_records  # noqa: E402
+from tinyrun import run_config, saved_initial_model, step_records, train_as_one_rank  # noqa: E402
 from zeropad.config import build_config  # noqa: E402
 from zeropad.model.hf_writer import weight_files  # noqa: E402
 from zeropad.pack.planner import assign_packs_to_ranks, plan_packs, shuffle_packs  # noqa: E402
@@ -45,12 +45,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     """One process, grad_accum 4: the packs 2 ranks x 2 micro-steps see per step."""
     root = tmp_path_factory.mktemp("dist")
     out = root / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1)
-    try:
-        train(build_config(_config(root, out, grad_accum=4) | {"checkpoint": CHECKPOINTS}))
-    finally:
-        torch.set_num_threads(threads)
+    train_as_one_rank(_config(root, out, grad_accum=4) | {"checkpoint": CHECKPOINTS})
     return root, out
 
 

@@ -20,7 +20,7 @@ from test_distributed import _torchrun  # noqa: E402
 from test_vlm_training import conversation, write_images_data  # noqa: E402
 from tinyvlm import vlm_run  # noqa: E402
 from tinymodels import TINY  # noqa: E402
-from tinyrun import read_metrics, run_config, step_records  # noqa: E402
+from tinyrun import read_metrics, run_config, step_records, train_as_one_rank  # noqa: E402
 from zeropad.config import build_config  # noqa: E402
 from zeropad.data.chat import Sample  # noqa: E402
 from zeropad.data.dataset import SampleReport  # noqa: E402
@@ -31,7 +31,7 @@ from zeropad.model.vlm import position_rule  # noqa: E402
 from zeropad.pack.collate import IGNORE_INDEX, collate  # noqa: E402
 from zeropad.pack.loader import step_packs  # noqa: E402
 from zeropad.parallel import ulysses  # noqa: E402
-from zeropad.train.loop import _check_sequence_parallel, _prepare_data, train  # noqa: E402
+from zeropad.train.loop import _check_sequence_parallel, _prepare_data  # noqa: E402
 
 STEPS, GRAD_ACCUM = 3, 2
 MOE = {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
@@ -74,7 +74,7 @@ def _split_points_inside_documents(cfg: dict, packs_per_step: int = GRAD_ACCUM) 
 @pytest.mark.parametrize("case", list(CASES))
 def test_sequence_parallel_two_ranks_equal_one_process(tmp_path, case):
     # one process, the same grad_accum: with 2 ranks in one SP group there is one data-parallel group
-    _train_one_process(_config(tmp_path, case, "one"))
+    train_as_one_rank(_config(tmp_path, case, "one"))
     cfg = _config(tmp_path, case, "sp", strategy="fsdp", sp_size=2)
     assert _split_points_inside_documents(cfg) >= 2  # of the run's 6 packs: documents cross the split
     (tmp_path / "sp.yaml").write_text(yaml.safe_dump(cfg))
@@ -97,15 +97,6 @@ def test_sequence_parallel_two_ranks_equal_one_process(tmp_path, case):
     assert expected_w.keys() == got_w.keys()
     for key in expected_w:
         assert (expected_w[key] - got_w[key]).abs().max().item() <= 1e-5, key
-
-
-def _train_one_process(cfg: dict) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank (OMP_NUM_THREADS=1)
-    try:
-        train(build_config(cfg))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _assert_same_training(one: Path, sp: Path, auto=AutoModelForCausalLM) -> None:
@@ -133,7 +124,7 @@ def test_two_data_parallel_groups_of_two_sp_ranks_equal_one_process(tmp_path):
     one["train"]["grad_accum"] = 2 * GRAD_ACCUM
     for run in (one, cfg):
         run["train"]["lr"] = 1e-3
-    _train_one_process(one)
+    train_as_one_rank(one)
     assert _split_points_inside_documents(cfg, 2 * GRAD_ACCUM) >= 4  # of the run's 12 packs
     (tmp_path / "sp.yaml").write_text(yaml.safe_dump(cfg))
     done = _torchrun(["-m", "zeropad", "train", str(tmp_path / "sp.yaml")], cwd=tmp_path, nproc=4)
@@ -181,7 +172,7 @@ def _vlm_packs_split(cfg: dict) -> tuple[int, int]:
 def test_a_vlm_with_an_image_crossing_the_split_equals_one_process(tmp_path):
     """Qwen2.5-VL (3-axis mRoPE), sp_size=2 under FSDP: every rank runs the vision tower on the pack's images and
     keeps its range of the embeddings and positions; the chunked loss on each rank's range."""
-    _train_one_process(_vlm_config(tmp_path, "one"))
+    train_as_one_rank(_vlm_config(tmp_path, "one"))
     cfg = _vlm_config(tmp_path, "sp", strategy="fsdp", sp_size=2)
     crossing, with_images = _vlm_packs_split(cfg)
     assert crossing >= 2 and with_images >= 4  # of the run's 6 packs

@@ -60,3 +60,19 @@ def saved_initial_model(cfg: dict, directory: Path) -> dict:
         build_model(built.model, seed=built.train.seed).save_pretrained(directory)
     model = {key: value for key, value in cfg["model"].items() if key != "config"}
     return {**cfg, "model": {**model, "path": str(directory)}}
+
+
+def train_as_one_rank(cfg: dict) -> None:
+    """Train `cfg` in this process with one thread, as each torchrun rank runs (OMP_NUM_THREADS=1), so that a
+    one-process reference sums in the same order as the ranks it is compared with."""
+    import torch
+
+    from zeropad.config import build_config
+    from zeropad.train.loop import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(build_config(cfg))
+    finally:
+        torch.set_num_threads(threads)

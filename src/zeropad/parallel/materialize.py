@@ -80,10 +80,10 @@ def _load_from_path(cfg: ModelConfig, slots: Slots, device: torch.device, replic
     from transformers.distributed import DistributedConfig
 
     config = build_model_config(cfg)
-    distributed = DistributedConfig(fsdp_size=shard, dp_replicate_size=replicate)
+    layout = DistributedConfig(fsdp_size=shard, dp_replicate_size=replicate)
     loaded = auto_class(config).from_pretrained(
         _model_dir(cfg), config=config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
-        distributed_config=distributed, device_map=str(device), attn_implementation="eager")
+        distributed_config=layout, device_map=str(device), attn_implementation="eager")
     tensors = dict(loaded.named_parameters(remove_duplicate=False))
     tensors.update(loaded.named_buffers(remove_duplicate=False))
     missing = sorted(set(slots) - set(tensors))
