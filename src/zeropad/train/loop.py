@@ -335,7 +335,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
 def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
     """(base model, trained model, parameter groups, weight slots): LoRA, freezing and activation checkpointing
     applied, the model checked against the tokenizer and the packed path; not yet wrapped for DDP/FSDP. Under
-    FSDP on several ranks the model is on the meta device, and `slots` (parallel/materialize.py) say where its
+    FSDP on several ranks (or with parallel.cpu_offload) the model is on the meta device, and `slots` (parallel/materialize.py) say where its
     weights go once it is sharded; otherwise it holds its weights and `slots` is None."""
     sharded = cfg.parallel.strategy == "fsdp" and (distributed.world_size() > 1 or cfg.parallel.cpu_offload)
     attn = None
