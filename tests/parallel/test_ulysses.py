@@ -38,7 +38,9 @@ MOE = {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "m
        "decoder_sparse_step": 1, "output_router_logits": True}
 CASES = {
     # the chunked loss on each rank's tokens, and evaluation (each rank a token range of the same eval packs)
-    "qwen3": {"memory": {"chunked_loss": True, "loss_chunk_tokens": 16}, "eval": {"split": 0.1, "every_steps": 2}},
+    # and a checkpoint at step 2, resumed in one process
+    "qwen3": {"memory": {"chunked_loss": True, "loss_chunk_tokens": 16}, "eval": {"split": 0.1, "every_steps": 2},
+              "checkpoint": {"every_steps": 2, "keep": 3}},
     # one KV head for 2 ranks (repeated), the router's aux loss over the whole pack, and activation
     # checkpointing (the recomputed attention runs its all-to-alls again, in backward)
     "qwen3_moe": {"memory": {"chunked_loss": False, "checkpointing": "full"},
@@ -72,7 +74,7 @@ def _split_points_inside_documents(cfg: dict, packs_per_step: int = GRAD_ACCUM) 
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sequence_parallel_two_ranks_equal_one_process(tmp_path, case):
+def test_sequence_parallel_two_ranks_equal_one_process(tmp_path, capsys, case):
     # one process, the same grad_accum: with 2 ranks in one SP group there is one data-parallel group
     train_as_one_rank(_config(tmp_path, case, "one"))
     cfg = _config(tmp_path, case, "sp", strategy="fsdp", sp_size=2)
@@ -93,45 +95,71 @@ def test_sequence_parallel_two_ranks_equal_one_process(tmp_path, case):
     evals = [[r["eval_loss"] for r in read_metrics(tmp_path / name) if "eval_loss" in r] for name in ("one", "sp")]
     assert len(evals[0]) == (2 if case == "qwen3" else 0) and len(evals[1]) == len(evals[0])
     assert all(abs(e - g) <= 1e-5 for e, g in zip(*evals))
-    expected_w, got_w = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "sp")
-    assert expected_w.keys() == got_w.keys()
-    for key in expected_w:
-        assert (expected_w[key] - got_w[key]).abs().max().item() <= 1e-5, key
+    _assert_same_weights(tmp_path / "one", tmp_path / "sp")
+    if case == "qwen3":  # the SP run's checkpoint holds the whole state: one process continues it exactly
+        resumed = _config(tmp_path, case, "resumed") | {"resume": str(tmp_path / "sp/checkpoints/step_000002")}
+        capsys.readouterr()
+        train_as_one_rank(resumed)
+        assert ("saved with 2 rank(s) in SP groups of 2 x grad_accum 2, now 1 rank(s) x 2: the same 2 packs per "
+                "optimizer step") in capsys.readouterr().out
+        _assert_same_training(tmp_path / "one", tmp_path / "resumed", from_step=2)
 
 
-def _assert_same_training(one: Path, sp: Path, auto=AutoModelForCausalLM) -> None:
-    """Losses, grad norms and final weights within 1e-5."""
-    expected, got = step_records(one), step_records(sp)
-    assert [r["step"] for r in got] == [r["step"] for r in expected] and len(got) >= STEPS
-    for e, g in zip(expected, got, strict=True):
-        assert abs(e["loss"] - g["loss"]) <= 1e-5, (e["step"], e["loss"], g["loss"])
-        assert abs(e["grad_norm"] - g["grad_norm"]) <= 1e-5, (e["step"], e["grad_norm"], g["grad_norm"])
-        assert (e["tokens"], e["target_tokens"]) == (g["tokens"], g["target_tokens"])
+def _assert_same_weights(one: Path, sp: Path, auto=AutoModelForCausalLM) -> None:
     expected_w, got_w = _final_weights(one, auto), _final_weights(sp, auto)
     assert expected_w.keys() == got_w.keys()
     for key in expected_w:
         assert (expected_w[key] - got_w[key]).abs().max().item() <= 1e-5, key
 
 
-def test_two_data_parallel_groups_of_two_sp_ranks_equal_one_process(tmp_path):
-    """DP 2 x SP 2 on 4 ranks, GRAD_ACCUM micro-steps per group: one process with 2 x GRAD_ACCUM micro-steps (the
-    chunked loss and evaluation, as the two-rank qwen3 case). lr 1e-3, not 3e-3: Adam divides each gradient element
-    by its own magnitude, so on the few elements whose gradient is near zero, fp32 rounding (the ranks sum in
-    another order) moves the weight by a share of lr; at 3e-3 one element of 95k ended 1.2e-5 to 2.1e-5 off while
-    the losses agreed to 4e-7 and every other element to 3e-6."""
-    one, cfg = (_config(tmp_path, "qwen3", name, **parallel) for name, parallel in
-                [("one", {}), ("sp", {"strategy": "fsdp", "sp_size": 2})])
+def _assert_same_training(one: Path, sp: Path, auto=AutoModelForCausalLM, from_step: int = 0) -> None:
+    """Losses, grad norms and final weights within 1e-5 (steps after `from_step`: `sp` resumed there)."""
+    expected, got = step_records(one)[from_step:], step_records(sp)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] and len(got) >= STEPS - from_step
+    for e, g in zip(expected, got, strict=True):
+        assert abs(e["loss"] - g["loss"]) <= 1e-5, (e["step"], e["loss"], g["loss"])
+        assert abs(e["grad_norm"] - g["grad_norm"]) <= 1e-5, (e["step"], e["grad_norm"], g["grad_norm"])
+        assert (e["tokens"], e["target_tokens"]) == (g["tokens"], g["target_tokens"])
+        if "aux_loss" in e:
+            assert abs(e["aux_loss"] - g["aux_loss"]) <= 1e-5, (e["step"], e["aux_loss"], g["aux_loss"])
+    _assert_same_weights(one, sp, auto)
+
+
+@pytest.mark.parametrize("case", ["qwen3", "qwen3_moe", "qwen2_5_vl"])
+def test_two_data_parallel_groups_of_two_sp_ranks_equal_one_process(tmp_path, case):
+    """DP 2 x SP 2 on 4 ranks, GRAD_ACCUM micro-steps per group: one process with 2 x GRAD_ACCUM micro-steps
+    (each case's settings as on 2 ranks). Qwen3-MoE's 4 ranks resume from the one process's step-1 checkpoint
+    (resume under SP). lr 1e-3: Adam divides each gradient element by its own magnitude, so on the few elements
+    whose gradient is near zero, fp32 rounding (the ranks sum in another order) moves the weight by a share of lr;
+    at 3e-3 one element of 95k ended 1.2e-5 to 2.1e-5 off while the losses agreed to 4e-7 and every other element
+    to 3e-6."""
+    vlm = case == "qwen2_5_vl"
+    make = (lambda name, **parallel: _vlm_config(tmp_path, name, **parallel)) if vlm else (
+        lambda name, **parallel: _config(tmp_path, case, name, **parallel))
+    one, cfg = make("one"), make("sp", strategy="fsdp", sp_size=2)
     one["train"]["grad_accum"] = 2 * GRAD_ACCUM
     for run in (one, cfg):
         run["train"]["lr"] = 1e-3
+    from_step = 0
+    if case == "qwen3_moe":
+        one["checkpoint"] = {"every_steps": 1, "keep": STEPS}
+        cfg["resume"], from_step = str(tmp_path / "one/checkpoints/step_000001"), 1
     train_as_one_rank(one)
-    assert _split_points_inside_documents(cfg, 2 * GRAD_ACCUM) >= 4  # of the run's 12 packs
+    if vlm:  # of the run's 12 packs
+        crossing, with_images = _vlm_packs_split(cfg, 2 * GRAD_ACCUM)
+        assert crossing >= 3 and with_images >= 8, (crossing, with_images)
+    else:
+        assert _split_points_inside_documents(cfg, 2 * GRAD_ACCUM) >= 4
     (tmp_path / "sp.yaml").write_text(yaml.safe_dump(cfg))
     done = _torchrun(["-m", "zeropad", "train", str(tmp_path / "sp.yaml")], cwd=tmp_path, nproc=4)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    _assert_same_training(tmp_path / "one", tmp_path / "sp")
-    evals = [[r["eval_loss"] for r in read_metrics(tmp_path / name) if "eval_loss" in r] for name in ("one", "sp")]
-    assert len(evals[0]) == len(evals[1]) == 2 and all(abs(e - g) <= 1e-5 for e, g in zip(*evals))
+    if from_step:
+        assert "saved with 1 rank(s) x grad_accum 4, now 4 rank(s) in SP groups of 2 x 2" in done.stdout
+    _assert_same_training(tmp_path / "one", tmp_path / "sp", AutoModelForImageTextToText if vlm else
+                          AutoModelForCausalLM, from_step=from_step)
+    if case == "qwen3":
+        evals = [[r["eval_loss"] for r in read_metrics(tmp_path / n) if "eval_loss" in r] for n in ("one", "sp")]
+        assert len(evals[0]) == len(evals[1]) == 2 and all(abs(e - g) <= 1e-5 for e, g in zip(*evals))
 
 
 # The first document's image (16 visual tokens) sits late enough that the split of its pack falls inside it.
@@ -153,7 +181,7 @@ def _vlm_config(root: Path, name: str, **parallel) -> dict:
                    memory={"chunked_loss": bool(parallel), "loss_chunk_tokens": 16}, parallel=parallel)
 
 
-def _vlm_packs_split(cfg: dict) -> tuple[int, int]:
+def _vlm_packs_split(cfg: dict, packs_per_step: int = GRAD_ACCUM) -> tuple[int, int]:
     """(packs of several documents whose sp_size=2 split falls inside an image, packs holding an image) of the run."""
     built = build_config(cfg)
     model = build_model(built.model)
@@ -161,7 +189,7 @@ def _vlm_packs_split(cfg: dict) -> tuple[int, int]:
     loader = _prepare_data(built, load_tokenizer(built.model), processor, model.config)[0]
     collate_fn = MultimodalCollator(model.config, position_rule(model), processor, "error", SampleReport())
     image, crossing, with_images = model.config.image_token_id, 0, 0
-    for _, step in zip(range(STEPS), step_packs(loader, GRAD_ACCUM, collate_fn=collate_fn)):
+    for _, step in zip(range(STEPS), step_packs(loader, packs_per_step, collate_fn=collate_fn)):
         for pack in step.packs:
             ids, cut = pack.input_ids[0], ulysses.token_sizes(pack.num_tokens, 2)[0]
             crossing += len(pack.doc_lengths) > 1 and bool(ids[cut - 1] == image) and bool(ids[cut] == image)

@@ -107,9 +107,10 @@ class RunGuard:
         if distributed.is_main():  # rank 0 alone writes metrics.jsonl
             _trim_metrics(self.output_dir / "metrics.jsonl", self.position.step)
         distributed.barrier()
+        sp_size = self.cfg.parallel.sp_size
         self.say(f"resumed from {path} at step {self.position.step} "
                  f"(epoch {self.position.epoch}, {self.position.index} packs into it)"
-                 f"{_grouping_note(self.position, distributed.world_size(), self.cfg.train.grad_accum)}")
+                 f"{_grouping_note(self.position, distributed.world_size(), self.cfg.train.grad_accum, sp_size)}")
         return self.position.step
 
     def _check_data_position(self, path: Path) -> None:
@@ -168,6 +169,7 @@ class RunGuard:
             return
         self.position.epoch, self.position.index = self.loader.epoch, self.loader.index
         self.position.world_size, self.position.grad_accum = distributed.world_size(), self.cfg.train.grad_accum
+        self.position.sp_size = self.cfg.parallel.sp_size
         path = save_checkpoint(self.output_dir, self.position, self.model, self.optimizer, self.scheduler,
                                self.tokenizer, self.cfg.model_dump_json(indent=2))
         if distributed.is_main():
@@ -194,15 +196,18 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def _grouping_note(saved: Position, world_size: int, grad_accum: int) -> str:
-    """The resume message's words on a changed world_size x grad_accum ('' when unchanged or unknown)."""
+def _grouping_note(saved: Position, world_size: int, grad_accum: int, sp_size: int) -> str:
+    """The resume message's words on a changed grouping ('' when unchanged or unknown). The ranks of a
+    sequence-parallel group share each pack, so a step takes world_size / sp_size x grad_accum packs."""
     if saved.world_size is None or saved.grad_accum is None:  # written before zeropad recorded it
         return ""
-    if (saved.world_size, saved.grad_accum) == (world_size, grad_accum):
+    if (saved.world_size, saved.grad_accum, saved.sp_size) == (world_size, grad_accum, sp_size):
         return ""
-    before, now = saved.world_size * saved.grad_accum, world_size * grad_accum
-    grouping = (f"; saved with {saved.world_size} rank(s) x grad_accum {saved.grad_accum}, now {world_size} x "
-                f"{grad_accum}")
+    before = saved.world_size // saved.sp_size * saved.grad_accum
+    now = world_size // sp_size * grad_accum
+    ranks = lambda n, sp: f"{n} rank(s)" + (f" in SP groups of {sp}" if sp > 1 else "")  # noqa: E731
+    grouping = (f"; saved with {ranks(saved.world_size, saved.sp_size)} x grad_accum {saved.grad_accum}, now "
+                f"{ranks(world_size, sp_size)} x {grad_accum}")
     if before == now:
         return f"{grouping}: the same {now} packs per optimizer step, so the run continues as it would have"
     return (f"{grouping}: regrouped from {before} to {now} packs per optimizer step; the data continues at the "

@@ -81,6 +81,7 @@ class Position:
     # from data and seed alone, so (epoch, index) is the same data position under any grouping.
     world_size: int | None = None
     grad_accum: int | None = None
+    sp_size: int = 1  # the ranks of a sequence-parallel group share each pack
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
