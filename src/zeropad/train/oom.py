@@ -92,9 +92,13 @@ class StepMemory:
         if best is not None and best.policy != policy:
             advice.append(f"memory.checkpointing={best.policy} (fits up to pack.max_tokens={best.largest_tokens})")
         advice = [a for a in advice if a] or ["more devices (parallel.strategy=fsdp) or parallel.cpu_offload"]
-        return (f"The memory planner predicts a peak of {fmt_bytes(peak)} per device for this configuration, "
-                f"against {fmt_bytes(device_bytes)} ({fmt_bytes(budget)} usable). What fits: "
-                f"{' or '.join(advice)} (`zeropad plan` shows the breakdown).")
+        predicted = (f"The memory planner predicts a peak of {fmt_bytes(peak)} per device for this configuration, "
+                     f"against {fmt_bytes(device_bytes)} ({fmt_bytes(budget)} usable)")
+        if peak <= budget:  # the plan fits: what ran out is outside it
+            return (f"{predicted}: it should fit, so memory the planner does not model is in use (other processes "
+                    "on the device, fragmentation, a vision tower's activations); set memory.device_gb to what is "
+                    "really free and see `zeropad plan`.")
+        return f"{predicted}. What fits: {' or '.join(advice)} (`zeropad plan` shows the breakdown)."
 
 
 def _unwrapped(model):
