@@ -199,7 +199,7 @@ def main() -> None:
         sys.exit(err.exit_code)
     except ZeropadError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,16 @@ class CheckpointConfig(_Strict):
         "or e.g. 5GB, 2GiB): a bigger model is written as model-0000k-of-0000n.safetensors plus an index.",
     )
 
+    resume_data: Literal["refuse", "restart_epoch", "continue"] = Field(
+        "refuse", description="Resuming when the data, tokenizer or chat template differ from the checkpoint's: "
+        "refuse (list what changed and stop), restart_epoch (start a new epoch of the new data) or continue (keep "
+        "the data position); the choice is logged in metrics.jsonl.",
+    )
+    on_low_disk: Literal["refuse", "warn"] = Field(
+        "refuse", description="Before any compute, OUTPUT_DIR's free space is checked against what the run writes "
+        "(keep + 1 checkpoints, final/, logs): refuse (exit code 5) or warn and run.",
+    )
+
     @field_validator("max_shard_size")
     @classmethod
     def _shard_bytes(cls, value: int | str) -> int:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class ZeropadError(Exception):
-    """Base class for errors caused by user input (config, data, model directory)."""
+    """Base class for errors caused by user input (config, data, model directory). The command line exits
+    with `exit_code`."""
+
+    exit_code = 2
 
 
 class ConfigError(ZeropadError):
@@ -26,7 +29,7 @@ class RunStopped(ZeropadError):
 
     exit_code = 1
 
-    def __init__(self, message: str, checkpoint: str):
+    def __init__(self, message: str, checkpoint: str | None):
         self.checkpoint = checkpoint
         super().__init__(message)
 
@@ -41,3 +44,24 @@ class TooManyBadSteps(RunStopped):
     """train.max_bad_steps consecutive steps had a non-finite loss or gradient norm."""
 
     exit_code = 4
+
+
+class NotEnoughSpace(ZeropadError):
+    """Refused before any compute: the output directory cannot be written, or has less free space than the
+    run will write (train/preflight.py)."""
+
+    exit_code = 5
+
+
+class StorageError(RunStopped):
+    """A file could not be written (no space, read-only, I/O error): says what, where, why and how much was
+    needed; any partial checkpoint is removed and the last complete one (if any) is named."""
+
+    exit_code = 5
+
+
+class OutOfMemory(RunStopped):
+    """A step ran out of device (CUDA) or host memory: says the step, the pack size, the planner's predicted
+    peak and the setting that would fit; the last good state is checkpointed when that is possible."""
+
+    exit_code = 6

@@ -22,7 +22,7 @@ import numpy as np
 
 from zeropad.config import DataConfig, SourceConfig
 from zeropad.data.chat import Sample
-from zeropad.errors import ZeropadError
+from zeropad.train import faults
 
 CACHE_VERSION = 1  # bump when the cached arrays or the tokenization change meaning
 DEFAULT_CACHE_DIR = "~/.cache/zeropad/tokenized"
@@ -93,7 +93,10 @@ def write_cache(cache_file: Path, tokenized: TokenizedSource) -> None:
         "problem_reasons": np.asarray([reason for _, reason in tokenized.problems], dtype=str),
         "num_records": np.asarray(tokenized.num_records, dtype=np.int64),
     }
-    try:
+    needed = sum(a.nbytes for a in arrays.values())
+    with faults.writing("the tokenized-sample cache (set data.cache_dir to a folder with room)", cache_file.parent,
+                        needed):
+        faults.inject("cache")
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target, then rename: readers (other ranks, later runs) never see a partial file.
         fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
@@ -104,8 +107,3 @@ def write_cache(cache_file: Path, tokenized: TokenizedSource) -> None:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    except OSError as err:
-        raise ZeropadError(
-            f"cannot write the tokenized-sample cache in {cache_file.parent}: {err}; "
-            "set data.cache_dir to a writable folder"
-        ) from None

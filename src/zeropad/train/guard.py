@@ -13,6 +13,7 @@ from pathlib import Path
 from zeropad.config import Config
 from zeropad.errors import ConfigError, Preempted, TooManyBadSteps, ZeropadError
 from zeropad.parallel import distributed
+from zeropad.train.fingerprint import DATA_FILE, check_resume_data
 from zeropad.train.state import (Position, checkpoint_root, load_checkpoint, prune, resume_newest, save_checkpoint,
                                  step_dirs, supersede_newer)
 
@@ -63,6 +64,9 @@ class RunGuard:
         self.position = Position()
         self.saved_step: int | None = None
         self.consecutive_bad = 0
+        self.data: dict | None = None  # the run's data fingerprint (train/fingerprint.py), saved with each checkpoint
+        self.data_note: dict | None = None  # resumed on changed data: the choice, for metrics.jsonl
+        self.step_start = (loader.epoch, loader.index)  # the data position before the running step
 
     def resume(self) -> int:
         """Restore the state `resume:` asks for; the step the run continues after (0 when fresh).
@@ -94,6 +98,9 @@ class RunGuard:
                 _trim_metrics(self.output_dir / "metrics.jsonl", None)
             return 0
         path, self.position = found
+        if self.data is not None:  # refused here, or the checkpoint.resume_data choice applied to position
+            self.data_note = check_resume_data(path, self.data, self.cfg.checkpoint.resume_data, self.position,
+                                               self.say)
         self._check_data_position(path)
         changed = _changed_keys(json.loads((path / "config.json").read_text()), json.loads(self.cfg.model_dump_json()))
         if changed:
@@ -103,6 +110,7 @@ class RunGuard:
         if distributed.is_main():
             supersede_newer(root, self.position.step, self.say)
         self.loader.epoch, self.loader.index = self.position.epoch, self.position.index
+        self.step_start = (self.position.epoch, self.position.index)
         self.saved_step = self.position.step
         if distributed.is_main():  # rank 0 alone writes metrics.jsonl
             _trim_metrics(self.output_dir / "metrics.jsonl", self.position.step)
@@ -152,11 +160,13 @@ class RunGuard:
         if too_many:
             raise TooManyBadSteps(
                 f"{self.consecutive_bad} consecutive steps (up to step {step}) had a non-finite loss or gradient "
-                f"norm, so their updates were skipped; checkpoint (last good weights) saved to {self._path()}. "
-                "Lower train.lr, check the data, or raise train.max_bad_steps", str(self._path()))
+                f"norm, so their updates were skipped; checkpoint (last good weights) saved to "
+                f"{self.checkpoint_path()}. "
+                "Lower train.lr, check the data, or raise train.max_bad_steps", str(self.checkpoint_path()))
         if stop_now:
-            raise Preempted(f"{self.stop.requested} after step {step}: checkpoint saved to {self._path()}",
-                            str(self._path()))
+            raise Preempted(f"{self.stop.requested} after step {step}: checkpoint saved to {self.checkpoint_path()}",
+                            str(self.checkpoint_path()))
+        self.step_start = (self.loader.epoch, self.loader.index)
 
     def finish(self) -> None:
         """The end-of-run checkpoint; stop signals get their usual meaning back."""
@@ -164,21 +174,25 @@ class RunGuard:
         if self.saved_step != self.position.step:
             self.save()
 
-    def save(self) -> None:
+    def save(self, before_step: bool = False) -> None:
+        """Checkpoint the state after the last finished step; `before_step`: a step is under way (its packs
+        taken from the loader) but has changed no weights, so the data position is the one it started from."""
         if self.saved_step == self.position.step:
             return
-        self.position.epoch, self.position.index = self.loader.epoch, self.loader.index
+        at = self.step_start if before_step else (self.loader.epoch, self.loader.index)
+        self.position.epoch, self.position.index = at
         self.position.world_size, self.position.grad_accum = distributed.world_size(), self.cfg.train.grad_accum
         self.position.sp_size = self.cfg.parallel.sp_size
+        extra = {DATA_FILE: json.dumps(self.data, indent=2)} if self.data is not None else None
         path = save_checkpoint(self.output_dir, self.position, self.model, self.optimizer, self.scheduler,
-                               self.tokenizer, self.cfg.model_dump_json(indent=2))
+                               self.tokenizer, self.cfg.model_dump_json(indent=2), extra)
         if distributed.is_main():
             prune(self.output_dir, self.cfg.checkpoint.keep, self.position.step)
         distributed.barrier()
         self.saved_step = self.position.step
         self.say(f"checkpoint: {path}")
 
-    def _path(self) -> Path:
+    def checkpoint_path(self) -> Path:
         return checkpoint_root(self.output_dir) / f"step_{self.position.step:06d}"
 
 

@@ -33,7 +33,10 @@ from zeropad.plan.fit import resolve_checkpointing
 from zeropad.parallel.materialize import materialize, weight_slots
 from zeropad.parallel.sharding import VisionCalls, check_parallel, gradient_sync, loss_scale, parallelize, unwrap
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
+from zeropad.train import faults, preflight
+from zeropad.train.fingerprint import run_fingerprint
 from zeropad.train.guard import RunGuard, StopSignals
+from zeropad.train.oom import StepMemory
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
 from zeropad.train.moe import RouterStats
 from zeropad.train.optim import apply_freeze, build_optimizer, build_scheduler, describe_groups, group_lrs
@@ -217,7 +220,8 @@ def train(cfg: Config) -> TrainResult:
     distributed.init(device, single=cfg.parallel.cpu_offload and device.type == "cuda")
     try:
         # the stop signals are armed only while steps run (the previous handlers come back after)
-        with StopSignals() as stop, ulysses.sequence_parallel(cfg.parallel.sp_size):
+        with faults.named_storage_faults(cfg.output_dir), StopSignals() as stop, \
+                ulysses.sequence_parallel(cfg.parallel.sp_size):
             result = _train(cfg, stop, device)
         distributed.barrier()  # no rank destroys the group while another still has collectives in flight
         return result
@@ -230,9 +234,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     _check_parallel(cfg, device)
     main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if main:
-        (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    preflight.check(cfg)  # writable, with room for what the run writes: refused before any compute
     _seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -264,10 +266,13 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
                       cfg.train.grad_clip, loss_chunk_tokens, activation_context(cfg.memory, device),
                       RouterStats.attach(model, cfg.train.router_aux_loss_coef), VisionCalls.attach(model))
     guard = RunGuard(cfg, model, optimizer, setup.scheduler, loader, tokenizer, stop)
+    guard.data = run_fingerprint(cfg, tokenizer, report.num_records)
     start = guard.resume()  # before the logger appends: metrics.jsonl keeps only records up to `start`
     logger = MetricsLogger(output_dir, cfg.log.tensorboard, enabled=main)
     if start == 0:
         logger.log({"step": 0, "data": report.counts()})
+    if guard.data_note is not None:  # resumed on changed data, as checkpoint.resume_data chose
+        logger.log(guard.data_note)
     progress = Progress(cfg.train.steps, cfg.log.progress and main, initial=start, quiet=not main)
     guard.say = progress.write
     ranks = f" x {world} ranks ({cfg.parallel.strategy})" if world > 1 else ""
@@ -279,16 +284,19 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         progress.write(f"zeropad: memory.chunked_loss is off for this model: {chunked_off}")
     peak = peak_tflops(device, cfg.log.peak_tflops)
 
+    memory = StepMemory(cfg, model, optimizer, guard, device)
     steps_iter = step_packs(loader, cfg.train.grad_accum, world, rank, collate_fn, cfg.parallel.sp_size)
     result, eval_loss = StepResult(math.nan, math.nan, math.nan), None
     stop.arm()
     for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         step_data = next(steps_iter)
-        packs = [p.to(device) for p in step_data.packs]
-        num_targets = int(distributed.all_reduce_sum(sum(p.num_targets for p in packs), device))  # before backward
         lr, lrs = setup.scheduler.get_last_lr()[0], group_lrs(optimizer)
-        result = train_step(setup, packs, num_targets, step_data.num_tokens)
+        with memory.step(step, [p.num_tokens for p in step_data.packs]):  # OOM: named, last good state saved
+            faults.inject("step", step)
+            packs = [p.to(device) for p in step_data.packs]
+            num_targets = int(distributed.all_reduce_sum(sum(p.num_targets for p in packs), device))  # before backward
+            result = train_step(setup, packs, num_targets, step_data.num_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -374,18 +382,24 @@ def _save_final(cfg: Config, model, tokenizer, processor, logger: MetricsLogger,
     output_dir = Path(cfg.output_dir)
     final_dir = output_dir / "final"
     model = unwrap(model)
-    # Every rank: under FSDP each weight is gathered in turn (collectives), and only rank 0 keeps and writes it.
-    save_hf_model(model, final_dir, cfg.checkpoint.max_shard_size, write=distributed.is_main())
-    if not distributed.is_main():
-        return TrainResult(model, tokenizer, output_dir, loss, eval_loss, report)
-    tokenizer.save_pretrained(final_dir)
-    if processor is not None:
-        processor.save_pretrained(final_dir)  # final/ is a complete VLM directory: it trains and loads again
-    plot_losses(logger.path, output_dir / "loss.png")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # A failed write removes final/ (it is written again on resume); the end-of-run checkpoint is complete.
+    with faults.writing("the final model", final_dir, weights, partial=final_dir):
+        # Every rank: under FSDP each weight is gathered in turn (collectives), only rank 0 keeps and writes it.
+        save_hf_model(model, final_dir, cfg.checkpoint.max_shard_size, write=distributed.is_main())
+        if not distributed.is_main():
+            return TrainResult(model, tokenizer, output_dir, loss, eval_loss, report)
+        faults.inject("final")
+        tokenizer.save_pretrained(final_dir)
+        if processor is not None:
+            processor.save_pretrained(final_dir)  # final/ is a complete VLM directory: it trains and loads again
+    with faults.writing("the loss plot", output_dir / "loss.png", partial=output_dir / "loss.png"):
+        plot_losses(logger.path, output_dir / "loss.png")
     summary = {"steps": cfg.train.steps, "final_loss": loss, "eval_loss": eval_loss, "data": report.summary(),
                "data_counts": report.counts(), "bad_steps": guard.position.bad_steps,
                "world_size": distributed.world_size()}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with faults.writing("summary.json", output_dir, partial=output_dir / "summary.json"):
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     eval_text = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
     print(f"done: {cfg.train.steps} steps, final loss {loss:.4f}{eval_text}")
     print(f"data: {report.summary()}")

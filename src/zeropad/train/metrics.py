@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from zeropad.train import faults
+
 # Dense bf16 peak TFLOP/s of common training GPUs (vendor datasheets, SXM parts), for MFU.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "B200": 2250.0}
 
@@ -47,9 +49,10 @@ class MetricsLogger:
     """One JSON object per optimizer step in metrics.jsonl; TensorBoard scalars when asked."""
 
     def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool = True):
-        output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
-        self.file = self.path.open("a") if enabled else None  # disabled on ranks other than 0
+        with faults.writing("the metrics log", self.path):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a") if enabled else None  # disabled on ranks other than 0
         self.tb = None
         if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -59,8 +62,12 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = json.dumps(record) + "\n"
+        # a line cut short here is dropped on resume (guard._trim_metrics)
+        with faults.writing(f"the metrics record of step {record['step']}", self.path, len(line)):
+            faults.inject("metrics", record["step"])
+            self.file.write(line)
+            self.file.flush()
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

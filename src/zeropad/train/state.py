@@ -24,7 +24,10 @@ torch.load(weights_only=True), and DCP's non-tensor values are read as plain dat
 The single-process format of earlier versions (model.safetensors + optimizer.pt) still resumes, at
 any world size, through zeropad.train.state_legacy; new checkpoints are always DCP.
 
-Test hook: ZEROPAD_TEST_KILL_DURING_SAVE=STEP makes the process SIGKILL itself halfway through
+A write that fails (no space, read-only, I/O error) stops the run with a StorageError on every rank
+naming what, where and why, and the temporary directory is removed (train/faults.py).
+
+Test hooks: ZEROPAD_TEST_FAULT=checkpoint:KIND[@STEP] (train/faults.py); ZEROPAD_TEST_KILL_DURING_SAVE=STEP makes the process SIGKILL itself halfway through
 writing checkpoint STEP (model and optimizer written, manifest not), to test that a crash there loses
 nothing.
 """
@@ -54,9 +57,9 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
-from zeropad.errors import ZeropadError
+from zeropad.errors import StorageError, ZeropadError
 from zeropad.parallel import distributed
-from zeropad.train import state_legacy
+from zeropad.train import faults, state_legacy
 
 MANIFEST = "COMPLETE"
 DCP_DIR = "dcp"
@@ -154,34 +157,62 @@ def _app_state(model, optimizer) -> dict[str, Stateful]:
 
 
 def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer, scheduler, tokenizer,
-                    config_json: str) -> Path:
+                    config_json: str, extra_files: dict[str, str] | None = None) -> Path:
     """Write checkpoint `position.step` atomically and return its directory. Every rank calls this
-    (DCP's collectives): each writes its shards of model and optimizer, rank 0 the rest, and rank 0
-    renames the directory into place once every rank has written."""
+    (DCP's collectives): each writes its shards of model and optimizer, rank 0 the rest (with `extra_files`,
+    name -> text), and rank 0 renames the directory into place once every rank has written.
+
+    A failed write (no space, read-only, I/O error) on any rank raises the same StorageError on every rank
+    (faults.agreed, which also stands in for the barriers), and the partial directory is removed."""
     from zeropad.parallel.sharding import unwrap
 
     root = checkpoint_root(output_dir)
     final = root / f"step_{position.step:06d}"
     tmp = root / f".tmp-{final.name}"
     main = distributed.is_main()
-    if main:
+    what, needed = f"checkpoint step {position.step}", _expected_bytes(root, model, optimizer)
+
+    def start() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step_*"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    distributed.barrier()
-    with _dcp_call():
-        dcp.save(_app_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
-    if os.environ.get("ZEROPAD_TEST_KILL_DURING_SAVE") == str(position.step):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if main:
+
+    def shards() -> None:
+        with _dcp_call():
+            dcp.save(_app_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+        if os.environ.get("ZEROPAD_TEST_KILL_DURING_SAVE") == str(position.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def small_files() -> None:
+        faults.inject("checkpoint", position.step)
         torch.save({"scheduler": scheduler.state_dict()}, tmp / SCHEDULER)
         _write_small_files(tmp, position, unwrap(model), tokenizer, config_json)
-    distributed.barrier()  # every rank's shards are written
-    if main:
-        _commit(tmp, final, root, position.step)
-    distributed.barrier()  # the checkpoint is visible to every rank
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+    try:
+        for stage in (start, shards, small_files, lambda: _commit(tmp, final, root, position.step)):
+            # rank 0 alone makes the directory and writes the small files; every rank writes its shards
+            faults.agreed(stage if main or stage is shards else lambda: None, what, tmp, needed)
+    except StorageError:
+        if main:
+            faults.remove(tmp)
+        raise
     return final
+
+
+def _expected_bytes(root: Path, model, optimizer) -> int:
+    """About what a checkpoint takes: the newest complete one's size, or (none yet) this rank's weights and
+    optimizer state."""
+    for _, path in reversed(step_dirs(root)):
+        try:
+            return sum(json.loads((path / MANIFEST).read_text())["files"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    tensors = list(model.parameters()) + [v for state in optimizer.state.values() for v in state.values()
+                                          if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _write_small_files(tmp: Path, position: Position, model, tokenizer, config_json: str) -> None:
