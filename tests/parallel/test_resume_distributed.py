@@ -112,7 +112,7 @@ def test_regrouped_resume_takes_the_packs_the_uninterrupted_run_would(tmp_path, 
     _train_here(_config(tmp_path, regrouped, grad_accum=1, steps=6,
                         resume=str(checkpoint_root(whole) / "step_000002")))
     out = capsys.readouterr().out
-    assert "saved with 1 rank(s) x grad_accum 2, now 1 x 1: regrouped from 2 to 1 packs per optimizer step" in out
+    assert "saved with 1 rank(s) x grad_accum 2, now 1 rank(s) x 1: regrouped from 2 to 1 packs per optimizer step" in out
 
     expected, got = step_records(whole), step_records(regrouped)
     assert [r["step"] for r in got] == [3, 4, 5, 6]  # another output_dir: its metrics start at the resume
@@ -181,7 +181,7 @@ def test_two_ranks_resumed_in_one_process_with_the_same_packs_per_step(two_ranks
     capsys.readouterr()
     _train_here(_config(root, resumed, grad_accum=2, resume=str(checkpoint_root(two) / "step_000002")))
     out = capsys.readouterr().out
-    assert "saved with 2 rank(s) x grad_accum 1, now 1 x 2: the same 2 packs per optimizer step" in out
+    assert "saved with 2 rank(s) x grad_accum 1, now 1 rank(s) x 2: the same 2 packs per optimizer step" in out
     records = step_records(resumed)
     assert [r["step"] for r in records] == [3, 4, 5, 6]  # another output_dir: its metrics start at the resume
     expected = step_records(two)[2:]
