@@ -24,7 +24,7 @@ from zeropad.config import DataConfig, SourceConfig
 from zeropad.data.chat import Sample
 from zeropad.errors import ZeropadError
 
-CACHE_VERSION = 1  # bump when the cached arrays or the tokenization change meaning
+CACHE_VERSION = 2  # bump when the cached arrays or the tokenization change meaning
 DEFAULT_CACHE_DIR = "~/.cache/zeropad/tokenized"
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,9 +177,10 @@ def _tokenize_with_markers(conversation, refs: MediaRefs, tokenizer, family: Med
     messages = []
     for m in conversation.messages:
         for marker in markers:
-            m = type(m)(m.role, m.content.replace(PLACEHOLDERS[marker.medium], marker.text))
+            m = dataclasses.replace(m, content=m.content.replace(PLACEHOLDERS[marker.medium], marker.text))
         messages.append(m)
-    sample = tokenize_conversation(type(conversation)(tuple(messages)), tokenizer, train_on_prompt)
+    sample = tokenize_conversation(dataclasses.replace(conversation, messages=tuple(messages)), tokenizer,
+                                   train_on_prompt)
     if not refs.videos and family.video_token_id is not None:  # a literal <|video_pad|> would pass as a video's
         _pad_positions(sample.input_ids, family.video_token_id, "video", 0, file, record_no)
     is_marker = np.zeros(len(sample.input_ids), dtype=bool)
