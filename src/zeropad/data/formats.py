@@ -100,8 +100,10 @@ def detect_format(record: dict, file: str, record_no: int) -> str:
     )
 
 
-def to_conversation(record: dict, fmt: str, file: str, record_no: int) -> Conversation | Text:
-    """Convert one record of format `fmt` (or "auto") or raise DataError saying what is wrong."""
+def to_conversation(record: dict, fmt: str, file: str, record_no: int,
+                    require_reply: bool = True) -> Conversation | Text:
+    """Convert one record of format `fmt` (or "auto") or raise DataError saying what is wrong.
+    require_reply=False accepts a conversation with no assistant turn yet (a prompt to generate from)."""
     if fmt == "auto":
         fmt = detect_format(record, file, record_no)
     check = _Checker(record, file, record_no)
@@ -121,7 +123,7 @@ def to_conversation(record: dict, fmt: str, file: str, record_no: int) -> Conver
         raise ValueError(f"unknown format {fmt!r}; expected auto or one of {FORMATS}")
     if all(m.role == "system" for m in messages):
         raise check.error("empty conversation")
-    if not any(m.role == "assistant" and (m.content.strip() or m.tool_calls) for m in messages):
+    if require_reply and not any(m.role == "assistant" and (m.content.strip() or m.tool_calls) for m in messages):
         raise check.error("no assistant turn to learn from")
     _check_tool_results(check, messages)
     return Conversation(tuple(messages), tools)
