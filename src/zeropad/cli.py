@@ -88,6 +88,7 @@ def _add_to_summary(output_dir: str, values: dict) -> None:
 def pack_stats(
     config: Path = typer.Argument(..., help="Training config YAML."),
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+    show: int = typer.Option(0, min=0, help="Also print N samples as text with the trained tokens in ⟦ ⟧."),
 ) -> None:
     """Print packing utilization, number of packs and the lower bound ceil(total/budget)."""
     from zeropad.data.chat import ensure_chat_template
@@ -112,6 +113,10 @@ def pack_stats(
     stats = compute_stats(lengths, plan_packs(lengths, cfg.pack.max_tokens), cfg.pack.max_tokens)
     print(f"data: {report.summary()}")
     print(stats.table())
+    if show:
+        from zeropad.data.preview import preview
+
+        print(preview(samples, tokenizer, show, color=sys.stdout.isatty()))
 
 
 @app.command()
