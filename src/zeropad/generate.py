@@ -40,9 +40,9 @@ class Settings:
 
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:
-            return dict(do_sample=False, max_new_tokens=self.max_new_tokens)
-        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                    max_new_tokens=self.max_new_tokens)
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Chatter:
         reply = Conversation((*prompt.conversation.messages, Message("assistant", ".")), prompt.conversation.tools)
         record = {"messages": reply.as_dicts(), "tools": list(reply.tools), "images": prompt.images,
                   "videos": prompt.videos}
-        where = dict(file=prompt.file, record_no=prompt.record_no)
+        where = {"file": prompt.file, "record_no": prompt.record_no}
         conv = read_image_conversation(record, self.tokenizer, self.model.config, video=self.video, **where)
         doc = to_vision_doc(conv, self.processor, self.model.config, **where)
         targets = np.flatnonzero(doc.loss_mask)

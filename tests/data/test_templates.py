@@ -2,7 +2,15 @@
 target tokens, run by run, decode to exactly each assistant turn as it appears in the rendering."""
 
 import pytest
-from chat_templates import CHATML, GEMMA, LLAMA3, MISTRAL, QWEN3, char_tokenizer, target_runs
+from chat_templates import (
+    CHATML,
+    GEMMA,
+    LLAMA3,
+    MISTRAL,
+    QWEN3,
+    char_tokenizer,
+    target_runs,
+)
 
 from zeropad.data.chat import tokenize_conversation
 from zeropad.data.formats import to_conversation

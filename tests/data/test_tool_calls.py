@@ -80,15 +80,15 @@ def _with(record: dict, path: tuple, value) -> dict:
 @pytest.mark.parametrize(
     ("record", "reason"),
     [
-        (_with(SHAREGPT, ("conversations", 1, "value"), "{not json"), "function_call 'conversations[2].value' is not "
-                                                                      "valid JSON"),
+        (_with(SHAREGPT, ("conversations", 1, "value"), "{not json"),
+         "function_call 'conversations[2].value' is not valid JSON"),
         (_with(SHAREGPT, ("conversations", 1, "value"), '{"name": "f", "arguments": "{bad"}'),
          "'conversations[2].value.arguments' is not valid JSON"),
         (_with(SHAREGPT, ("conversations", 1, "value"), '{"arguments": {}}'), "with a string 'name'"),
         (_with(SHAREGPT, ("tools",), "[{"), "'tools' is not valid JSON"),
         (_with(SHAREGPT, ("tools",), '[{"description": "no name"}]'), "'tools' item 1 must be a function spec"),
-        (_with(SHAREGPT, ("conversations", 1), {"from": "human", "value": "hi"}), "a tool result (observation) "
-                                                                                  "with no tool call before it"),
+        (_with(SHAREGPT, ("conversations", 1), {"from": "human", "value": "hi"}),
+         "a tool result (observation) with no tool call before it"),
         (_with(OPENAI, ("messages", 1, "tool_calls", 0, "function", "arguments"), "{\"amount\": 50,"),
          "'messages[2].tool_calls[1].function.arguments' is not valid JSON"),
         (_with(OPENAI, ("messages", 1, "tool_calls", 0, "function", "arguments"), "[1]"), "must be a JSON object"),

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 
 from zeropad.data.chat import Sample
@@ -17,7 +19,7 @@ def marked_text(sample: Sample, tokenizer, color: bool = False) -> str:
     ids, mask = np.asarray(sample.input_ids), np.asarray(sample.loss_mask, dtype=bool)
     edges = [0, *(np.flatnonzero(np.diff(mask.astype(np.int8))) + 1).tolist(), len(ids)]
     parts = []
-    for start, end in zip(edges[:-1], edges[1:]):
+    for start, end in pairwise(edges):
         text = tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False)
         if mask[start]:
             text = f"{_GREEN}{OPEN}{text}{CLOSE}{_RESET}" if color else f"{OPEN}{text}{CLOSE}"
