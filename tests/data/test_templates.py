@@ -38,6 +38,11 @@ TOOL_CALL = [
     {"role": "tool", "content": "{\"temp\": 21}", "tool_call_id": "c1"},
     {"role": "assistant", "content": "It is 21 C in Paris."},
 ]
+# An agent step: reasoning before the call and before the answer, kept while no later user turn follows.
+AGENT = [{**TOOL_CALL[0]}, {**TOOL_CALL[1], "reasoning_content": "Need the weather."}, TOOL_CALL[2],
+         {**TOOL_CALL[3], "reasoning_content": "Got it."}]
+AGENT_THEN_THANKS = AGENT + [{"role": "user", "content": "Thanks!"},
+                             {"role": "assistant", "content": "You're welcome.", "reasoning_content": "Polite."}]
 CALL_TEXT = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 HERMES_CALL = f"<tool_call>\n{CALL_TEXT}\n</tool_call><|im_end|>\n"
 
@@ -62,6 +67,19 @@ CASES = {
                              ["Hello! \n<|im_end|>\n", "<think>\n\n</think>\n\n4<|im_end|>\n"]),
     "qwen3-tools": (QWEN3, None, "<|im_end|>", SYSTEM + TOOL_CALL, TOOLS, {},
                     [HERMES_CALL, "<think>\n\n</think>\n\nIt is 21 C in Paris.<|im_end|>\n"]),
+    "qwen3-agent": (QWEN3, None, "<|im_end|>", AGENT, TOOLS, {},
+                    ["<think>\nNeed the weather.\n</think>\n\n" + HERMES_CALL,
+                     "<think>\nGot it.\n</think>\n\nIt is 21 C in Paris.<|im_end|>\n"]),
+    # A later user turn: the agent step's reasoning is dropped from the rendering, and from the targets.
+    "qwen3-agent-then-thanks": (QWEN3, None, "<|im_end|>", AGENT_THEN_THANKS, TOOLS, {},
+                                [HERMES_CALL, "It is 21 C in Paris.<|im_end|>\n",
+                                 "<think>\nPolite.\n</think>\n\nYou're welcome.<|im_end|>\n"]),
+    # Tool results written as user text: Qwen3 tests that text's ends, so only assistant turns can be marked.
+    "qwen3-tool-response-as-user": (
+        QWEN3, None, "<|im_end|>",
+        [REASONING[0], REASONING[1], {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"},
+         REASONING[3]], None, {},
+        ["<think>\nGreet back.\n</think>\n\nHello!<|im_end|>\n", "<think>\n2+2 is 4.\n</think>\n\n4<|im_end|>\n"]),
     "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", SYSTEM + TWO_TURNS, None, {},
                ["Hello!<|eot_id|>", "4<|eot_id|>"]),
     "llama3-tools": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", SYSTEM + TOOL_CALL, TOOLS, {},
