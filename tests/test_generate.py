@@ -97,3 +97,23 @@ def test_vlm_chat_and_generate_see_the_image_as_training_does(tmp_path, one_thre
                                     "--device", "cpu"], input="What colour?\n")
     assert chat.exit_code == 0, chat.output
     assert chat.stdout.endswith(f"> {response}\n> ")
+
+
+def test_chat_template_kwargs_reach_the_prompt_and_bad_json_is_named(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from zeropad.config import VideoConfig
+    from zeropad.errors import ConfigError
+    from zeropad.generate import Chatter
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from chat_templates import QWEN3, char_tokenizer
+
+    tokenizer = char_tokenizer(QWEN3, None, "<|im_end|>")
+    prompt = Prompt(Conversation((Message("user", "2+2?"),)))
+    for kwargs, end in (({}, "<|im_start|>assistant\n"), ({"enable_thinking": False}, "</think>\n\n")):
+        ids = Chatter(None, tokenizer, None, VideoConfig(), kwargs).inputs(prompt)["input_ids"][0].tolist()
+        assert tokenizer.decode(ids).endswith(end)
+    result = CliRunner().invoke(app, ["chat", str(tmp_path), "--chat-template-kwargs", "{bad"])
+    assert isinstance(result.exception, ConfigError) and "--chat-template-kwargs" in str(result.exception)

@@ -195,6 +195,18 @@ def plan(
 
 
 _MODEL_DIR_HELP = "final/, an exported directory, a checkpoint (LoRA merged) or an output directory."
+_TEMPLATE_KWARGS_HELP = ("JSON object of chat template variables, e.g. '{\"enable_thinking\": false}' "
+                         "(default: the run's data.chat_template_kwargs).")
+
+
+def _json_object(option: str, text: str | None) -> dict | None:
+    try:
+        value = None if text is None else json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{option}: not valid JSON: {err}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{option}: must be a JSON object")
+    return value
 
 
 @app.command()
@@ -208,12 +220,14 @@ def chat(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, else float32), float32, bfloat16, float16."),
+    chat_template_kwargs: str = typer.Option(None, help=_TEMPLATE_KWARGS_HELP),
 ) -> None:
     """Talk to a model in the terminal: replies stream as they are generated; /reset clears the history, /exit
     quits."""
     from zeropad.generate import Settings, chat_loop, load_chatter
 
-    chatter = load_chatter(model_dir, device, dtype)
+    kwargs = _json_object("--chat-template-kwargs", chat_template_kwargs)
+    chatter = load_chatter(model_dir, device, dtype, kwargs)
     chat_loop(chatter, Settings(max_new_tokens, temperature, top_p), system, image, video)
 
 
@@ -231,6 +245,7 @@ def generate(
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, else float32), float32, bfloat16, float16."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    chat_template_kwargs: str = typer.Option(None, help=_TEMPLATE_KWARGS_HELP),
 ) -> None:
     """Generate a reply to every prompt of a file with the chat template applied; where records carry a reference
     reply, print how many replies match it exactly."""
@@ -239,7 +254,7 @@ def generate(
     from zeropad.generate import Settings, generate_file, load_chatter
 
     torch.manual_seed(seed)
-    chatter = load_chatter(model_dir, device, dtype)
+    chatter = load_chatter(model_dir, device, dtype, _json_object("--chat-template-kwargs", chat_template_kwargs))
     matches, total = generate_file(chatter, prompts, out, Settings(max_new_tokens, temperature, top_p), batch_size,
                                    progress)
     print(f"wrote {out}")

@@ -64,6 +64,7 @@ class Chatter:
     tokenizer: object
     processor: object | None  # the image processor of a vision-language model
     video: VideoConfig
+    template_kwargs: dict = dataclasses.field(default_factory=dict)  # variables for the chat template
 
     @property
     def device(self) -> torch.device:
@@ -81,7 +82,8 @@ class Chatter:
             if prompt.images or prompt.videos:
                 raise ZeropadError("this model has no vision tower: --image and --video need a vision-language model")
             text = self.tokenizer.apply_chat_template(prompt.conversation.as_dicts(), tools=_tools(prompt),
-                                                      tokenize=False, add_generation_prompt=True)
+                                                      tokenize=False, add_generation_prompt=True,
+                                                      **self.template_kwargs)
             ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
             return {"input_ids": ids}
         return self._vision_inputs(prompt)
@@ -96,7 +98,8 @@ class Chatter:
         record = {"messages": reply.as_dicts(), "tools": list(reply.tools), "images": prompt.images,
                   "videos": prompt.videos}
         where = {"file": prompt.file, "record_no": prompt.record_no}
-        conv = read_image_conversation(record, self.tokenizer, self.model.config, video=self.video, **where)
+        conv = read_image_conversation(record, self.tokenizer, self.model.config, video=self.video,
+                                       template_kwargs=self.template_kwargs, **where)
         doc = to_vision_doc(conv, self.processor, self.model.config, **where)
         targets = np.flatnonzero(doc.loss_mask)
         gaps = np.flatnonzero(np.diff(targets) > 1)
@@ -123,8 +126,11 @@ def _tools(prompt: Prompt) -> list[dict] | None:
     return list(prompt.conversation.tools) or None
 
 
-def load_chatter(path: str | Path, device: str = "auto", dtype: str = "auto") -> Chatter:
-    """The model at `path` (final/, an exported directory, a checkpoint or an output directory), in eval mode."""
+def load_chatter(path: str | Path, device: str = "auto", dtype: str = "auto",
+                 template_kwargs: dict | None = None) -> Chatter:
+    """The model at `path` (final/, an exported directory, a checkpoint or an output directory), in eval mode.
+    The chat template, its variables (unless `template_kwargs` is given) and the video settings are the run's
+    (a checkpoint's config, or the config.json beside final/), else the model directory's own."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
@@ -141,12 +147,17 @@ def load_chatter(path: str | Path, device: str = "auto", dtype: str = "auto") ->
         model = auto_class(config).from_pretrained(model_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         run = Config(model=ModelConfig(path=str(model_dir)))
+        beside = model_dir.parent / "config.json"  # an output directory's resolved run config
+        if model_dir.name == "final" and beside.is_file():
+            trained = Config.model_validate_json(beside.read_text())
+            run = run.model_copy(update={"data": trained.data, "video": trained.video})
     if tokenizer.eos_token_id is None:
         raise ZeropadError(f"{path}: the tokenizer has no eos_token, so a reply has no end")
     ensure_chat_template(tokenizer, run.data.chat_template)
     processor = load_image_processor(run, model.config) if is_multimodal(model.config) else None
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
-    return Chatter(model, tokenizer, processor, run.video)
+    kwargs = run.data.chat_template_kwargs if template_kwargs is None else template_kwargs
+    return Chatter(model, tokenizer, processor, run.video, kwargs)
 
 
 def _resolve(path: Path) -> tuple[Path | None, Path | None]:

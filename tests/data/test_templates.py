@@ -118,3 +118,17 @@ def test_generation_markers_give_the_same_mask_as_locating_the_turns():
     assert generation.input_ids.tolist() == located.input_ids.tolist()
     assert generation.loss_mask.tolist() == located.loss_mask.tolist()
     assert target_runs(generation, tokenizer) == ["Hello! \n<|im_end|>\n", "4<|im_end|>\n"]
+
+
+def test_chat_template_kwargs_from_the_config_reach_the_template_and_key_the_cache(write_data, data_cfg):
+    from zeropad.config import SourceConfig
+    from zeropad.data.dataset import load_samples
+
+    path = write_data("chat.jsonl", [{"messages": TWO_TURNS}])
+    tokenizer = char_tokenizer(QWEN3, None, "<|im_end|>")
+    runs = {}
+    for thinking in (True, False):
+        cfg = data_cfg(sources=[SourceConfig(path=str(path))], chat_template_kwargs={"enable_thinking": thinking})
+        samples, _ = load_samples(cfg.sources, cfg, tokenizer, max_tokens=4096, overlong="drop", seed=0)
+        runs[thinking] = target_runs(samples[0], tokenizer)[-1]
+    assert runs == {True: "<think>\n\n</think>\n\n4<|im_end|>\n", False: "4<|im_end|>\n"}

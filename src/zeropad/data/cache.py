@@ -47,6 +47,7 @@ def cache_file_for(source: SourceConfig, cfg: DataConfig, tokenizer) -> Path:
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "chat_template": tokenizer.chat_template,
         "train_on_prompt": cfg.train_on_prompt,
+        "chat_template_kwargs": cfg.chat_template_kwargs,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return Path(cfg.cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"{digest}.npz"
