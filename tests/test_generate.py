@@ -6,13 +6,14 @@ import json
 import torch
 from PIL import Image
 from tinymodels import tiny_model
+from tinyvideo import write_video
 from tinyvlm import vlm_run
 from typer.testing import CliRunner
 
 from zeropad.cli import app
 from zeropad.config import build_config
 from zeropad.data.formats import Conversation, Message
-from zeropad.demo.tokenizer import IMAGE_PAD_TOKEN, build_tokenizer
+from zeropad.demo.tokenizer import IMAGE_PAD_TOKEN, VIDEO_PAD_TOKEN, build_tokenizer
 from zeropad.generate import Prompt, Settings, load_chatter
 from zeropad.train.loop import train
 
@@ -97,6 +98,17 @@ def test_vlm_chat_and_generate_see_the_image_as_training_does(tmp_path, one_thre
                                     "--device", "cpu"], input="What colour?\n")
     assert chat.exit_code == 0, chat.output
     assert chat.stdout.endswith(f"> {response}\n> ")
+
+    # A video goes the same way (the run's video settings: at most 4 frames, 2 x 4 visual tokens).
+    write_video(tmp_path / "v.mp4")
+    clip = chatter.inputs(Prompt(Conversation((Message("user", "<video>What happens?"),)), videos=["v.mp4"],
+                                 file=str(prompts)))
+    assert clip["input_ids"][0].tolist().count(chatter.tokenizer.convert_tokens_to_ids(VIDEO_PAD_TOKEN)) == int(
+        clip["video_grid_thw"].prod()) // 4 > 1
+    chat = CliRunner().invoke(app, ["chat", str(final), "--video", str(tmp_path / "v.mp4"), "--max-new-tokens", "4",
+                                    "--device", "cpu"], input="What happens?\n")
+    assert chat.exit_code == 0, chat.output
+    assert chat.stdout.endswith(f"> {chatter.generate(clip, Settings(max_new_tokens=4))[0]}\n> ")
 
 
 def test_chat_template_kwargs_reach_the_prompt_and_bad_json_is_named(tmp_path):
