@@ -20,6 +20,7 @@ Nothing here assumes they do. Every turn is found in the one final rendering:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from zeropad.errors import ZeropadError
@@ -43,7 +44,7 @@ def assistant_spans(render: Render, messages: list[dict], full: str) -> list[tup
     """[start, end) character spans of `full` (the rendering of `messages`) holding each assistant turn as
     the model must produce it: reasoning, content, tool calls and the end-of-turn text."""
     marks = [chr(_MARK_BASE + k) for k in range(len(messages))]
-    if any(_MARK_BASE <= ord(ch) < _MARK_BASE + len(messages) for ch in full):
+    if _mark_pattern(marks).search(full):
         raise _cannot("the conversation contains private-use characters (U+F0000 and up) that zeropad uses "
                       "to find the assistant turns")
     # A template may inspect non-assistant content (Qwen3 tests user text for <tool_response>); if marks
@@ -88,27 +89,19 @@ def _with_mark(message: dict, mark: str) -> dict:
 
 
 def _strip_marks(text: str, marks: list[str]) -> tuple[str, dict[str, int]]:
-    """The text without marks, and each mark's position in it (its last occurrence)."""
-    wanted = set(marks)
-    out: list[str] = []
-    found: dict[str, int] = {}
-    length = 0
-    for piece in _split_keep(text, wanted):
-        if piece in wanted:
-            found[piece] = length
-        else:
-            out.append(piece)
-            length += len(piece)
-    return "".join(out), found
+    """The text without marks, and each mark's position in it (its last occurrence). Marks are consecutive
+    characters from _MARK_BASE, so one character class finds them all."""
+    if not marks:
+        return text, {}
+    pattern = _mark_pattern(marks)
+    found = {}
+    for removed, match in enumerate(pattern.finditer(text)):
+        found[match.group()] = match.start() - removed
+    return pattern.sub("", text), found
 
 
-def _split_keep(text: str, marks: set[str]) -> list[str]:
-    pieces, begin = [], 0
-    for pos, ch in enumerate(text):
-        if ch in marks:
-            pieces += [text[begin:pos], ch]
-            begin = pos + 1
-    return pieces + [text[begin:]]
+def _mark_pattern(marks: list[str]) -> re.Pattern:
+    return re.compile(f"[{marks[0]}-{marks[-1]}]")
 
 
 def _end_of_turn(render: Render) -> str:
