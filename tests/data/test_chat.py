@@ -109,3 +109,10 @@ def test_template_rejecting_a_conversation_is_a_sample_error(tokenizer):
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(SampleError, match="roles must alternate"):
         tokenize_conversation(MULTI_TURN, tokenizer, train_on_prompt=False)
+
+
+def test_conversation_opening_with_an_assistant_turn_is_a_sample_error(tokenizer):
+    ensure_chat_template(tokenizer, None)
+    conv = Conversation((Message("assistant", "Hi, how can I help?"), Message("user", "Hello")))
+    with pytest.raises(SampleError, match="opens with an assistant turn"):
+        tokenize_conversation(conv, tokenizer, train_on_prompt=False)
