@@ -132,3 +132,12 @@ def test_chat_template_kwargs_from_the_config_reach_the_template_and_key_the_cac
         samples, _ = load_samples(cfg.sources, cfg, tokenizer, max_tokens=4096, overlong="drop", seed=0)
         runs[thinking] = target_runs(samples[0], tokenizer)[-1]
     assert runs == {True: "<think>\n\n</think>\n\n4<|im_end|>\n", False: "4<|im_end|>\n"}
+
+
+def test_private_use_text_in_the_data_does_not_confuse_the_marks():
+    tokenizer = char_tokenizer(CHATML, None, "<|im_end|>")
+    text = "\U000f0000\U000f0001 odd glyphs"  # the first marks' characters, as content
+    conv = to_conversation({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]},
+                           "messages", "chat.jsonl", 1)
+    sample = tokenize_conversation(conv, tokenizer, train_on_prompt=False)
+    assert target_runs(sample, tokenizer) == [f"{text}<|im_end|>\n"]

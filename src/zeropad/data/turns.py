@@ -27,7 +27,9 @@ from zeropad.errors import ZeropadError
 
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 
-_MARK_BASE = 0xF0000  # Supplementary Private Use Area-A: assigned to no script, absent from real text
+# The Supplementary Private Use Areas A and B: assigned to no script, so absent from real text (a conversation that
+# uses one anyway gets its marks from the other).
+_MARK_BASES = (0xF0000, 0x100000)
 
 
 class ChatTemplateError(ZeropadError):
@@ -43,10 +45,11 @@ def _cannot(reason: str) -> ChatTemplateError:
 def assistant_spans(render: Render, messages: list[dict], full: str) -> list[tuple[int, int]]:
     """[start, end) character spans of `full` (the rendering of `messages`) holding each assistant turn as
     the model must produce it: reasoning, content, tool calls and the end-of-turn text."""
-    marks = [chr(_MARK_BASE + k) for k in range(len(messages))]
-    if _mark_pattern(marks).search(full):
-        raise _cannot("the conversation contains private-use characters (U+F0000 and up) that zeropad uses "
-                      "to find the assistant turns")
+    marks = next((m for m in ([chr(b + k) for k in range(len(messages))] for b in _MARK_BASES)
+                  if not _mark_pattern(m).search(full)), None)
+    if marks is None:
+        raise _cannot("the conversation uses characters of both supplementary private-use areas, which zeropad "
+                      "needs to find the assistant turns")
     # A template may inspect non-assistant content (Qwen3 tests user text for <tool_response>); if marks
     # there change the rendering, mark the assistant turns alone.
     for roles in (None, {"assistant"}):
@@ -90,7 +93,7 @@ def _with_mark(message: dict, mark: str) -> dict:
 
 def _strip_marks(text: str, marks: list[str]) -> tuple[str, dict[str, int]]:
     """The text without marks, and each mark's position in it (its last occurrence). Marks are consecutive
-    characters from _MARK_BASE, so one character class finds them all."""
+    characters, so one character class finds them all."""
     if not marks:
         return text, {}
     pattern = _mark_pattern(marks)
@@ -106,7 +109,7 @@ def _mark_pattern(marks: list[str]) -> re.Pattern:
 
 def _end_of_turn(render: Render) -> str:
     """The text the template puts after an assistant reply, from a two-message rendering."""
-    user, reply = chr(_MARK_BASE), chr(_MARK_BASE + 1)
+    user, reply = chr(_MARK_BASES[0]), chr(_MARK_BASES[0] + 1)
     try:
         probe = render([{"role": "user", "content": user}, {"role": "assistant", "content": reply}], False)
     except ZeropadError:
