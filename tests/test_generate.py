@@ -127,5 +127,12 @@ def test_chat_template_kwargs_reach_the_prompt_and_bad_json_is_named(tmp_path):
     for kwargs, end in (({}, "<|im_start|>assistant\n"), ({"enable_thinking": False}, "</think>\n\n")):
         ids = Chatter(None, tokenizer, None, VideoConfig(), kwargs).inputs(prompt)["input_ids"][0].tolist()
         assert tokenizer.decode(ids).endswith(end)
+    # Tools with a ChatML template that has none: the prompt is built with the built-in template training used.
+    plain = build_tokenizer(tmp_path / "tok")
+    spec = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    tools = Prompt(Conversation((Message("user", "Weather?"),), (spec,)))
+    text = plain.decode(Chatter(None, plain, None, VideoConfig()).inputs(tools)["input_ids"][0].tolist())
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert text.endswith("<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n")
     result = CliRunner().invoke(app, ["chat", str(tmp_path), "--chat-template-kwargs", "{bad"])
     assert isinstance(result.exception, ConfigError) and "--chat-template-kwargs" in str(result.exception)

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from zeropad.config import Config, ModelConfig, VideoConfig
-from zeropad.data.chat import Sample, ensure_chat_template
+from zeropad.data.chat import Sample, chat_template_for, ensure_chat_template
 from zeropad.data.formats import Conversation, Message, to_conversation
 from zeropad.data.multimodal import load_image_processor
 from zeropad.data.sources import iter_records
@@ -81,7 +81,10 @@ class Chatter:
         if self.processor is None:
             if prompt.images or prompt.videos:
                 raise ZeropadError("this model has no vision tower: --image and --video need a vision-language model")
-            text = self.tokenizer.apply_chat_template(prompt.conversation.as_dicts(), tools=_tools(prompt),
+            conv = prompt.conversation
+            # The template training used: for tools and a ChatML template without them, zeropad's built-in one.
+            text = self.tokenizer.apply_chat_template(conv.as_dicts(), tools=list(conv.tools) or None,
+                                                      chat_template=chat_template_for(conv, self.tokenizer),
                                                       tokenize=False, add_generation_prompt=True,
                                                       **self.template_kwargs)
             ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
@@ -120,10 +123,6 @@ class Chatter:
         """Generated ids -> text: up to the first end-of-turn token, special tokens dropped."""
         stops = [i for i, t in enumerate(token_ids) if t in self.eos_ids]
         return self.tokenizer.decode(token_ids[: stops[0]] if stops else token_ids, skip_special_tokens=True)
-
-
-def _tools(prompt: Prompt) -> list[dict] | None:
-    return list(prompt.conversation.tools) or None
 
 
 def load_chatter(path: str | Path, device: str = "auto", dtype: str = "auto",
