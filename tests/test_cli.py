@@ -85,9 +85,15 @@ def test_pack_stats(model_dir, tmp_path):
         f"data: {{sources: [{{path: {data}}}], cache_dir: {tmp_path / 'cache'}, num_workers: 0}}\n"
         "pack: {max_tokens: 128}\n"
     )
-    result = runner.invoke(app, ["pack-stats", str(config)])
+    result = runner.invoke(app, ["pack-stats", str(config), "--show", "2"])
     assert result.exit_code == 0, result.output
     assert "lower" in result.output.lower() and "utilization" in result.output.lower()
+    # the preview: the first two samples as text, the reply and its end of turn (only they) marked as trained
+    preview = result.stdout[result.stdout.index("--- sample 1"):]
+    assert preview == ("--- sample 1: 31 tokens, 4 trained ---\n<|im_start|>user\nRepeat 0<|im_end|>\n"
+                       "<|im_start|>assistant\n⟦0 <|im_end|>\n⟧\n"
+                       "--- sample 2: 33 tokens, 6 trained ---\n<|im_start|>user\nRepeat 1<|im_end|>\n"
+                       "<|im_start|>assistant\n⟦1 1 <|im_end|>\n⟧\n")
 
 
 def test_streaming_train_with_separate_eval_source(model_dir, tmp_path):

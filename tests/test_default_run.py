@@ -29,3 +29,25 @@ def test_default_run_shortened_trains_and_writes_outputs(tmp_path):
     assert f"held-out exact match: {rescored:.1%}" in result.output
     for name in ["loss.png", "final/model.safetensors", "final/tokenizer.json", "final/config.json"]:
         assert (out / name).is_file(), name
+
+    # `zeropad generate` on final/ (KV cache, chat template) scores the held-out additions as the run did...
+    heldout = out / "demo" / HELDOUT_FILE
+    gen = CliRunner().invoke(app, ["generate", str(out / "final"), "--prompts", str(heldout), "--out",
+                                   str(tmp_path / "gen.jsonl"), "--max-new-tokens", "8", "--batch-size", "256",
+                                   "--no-progress"])
+    assert gen.exit_code == 0, gen.output
+    answers = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    matches = sum(a["response"].strip() == a["messages"][-1]["content"] for a in answers)
+    assert f"matches the reference reply: {rescored:.1%} ({matches}/200)" in gen.output
+    # ... record by record: each reply is the one exact_match's own greedy decoding gives
+    as_generated = [{"messages": [*a["messages"][:-1], {"role": "assistant", "content": a["response"]}]}
+                    for a in answers]
+    assert exact_match(model, tokenizer, as_generated) == 1.0
+    # and the run's last checkpoint (not exported) gives the same replies
+    (tmp_path / "some.jsonl").write_text("".join(json.dumps({"messages": a["messages"]}) + "\n" for a in answers[:16]))
+    ckpt = CliRunner().invoke(app, ["generate", str(out / "checkpoints" / "step_000040"), "--prompts",
+                                    str(tmp_path / "some.jsonl"), "--out", str(tmp_path / "ckpt.jsonl"),
+                                    "--max-new-tokens", "8", "--no-progress"])
+    assert ckpt.exit_code == 0, ckpt.output
+    assert [json.loads(line)["response"] for line in (tmp_path / "ckpt.jsonl").read_text().splitlines()] == [
+        a["response"] for a in answers[:16]]

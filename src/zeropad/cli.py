@@ -1,4 +1,4 @@
-"""The zeropad command line: train, plan, pack-stats, verify, export."""
+"""The zeropad command line: train, plan, pack-stats, verify, export, chat, generate."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def _add_to_summary(output_dir: str, values: dict) -> None:
 def pack_stats(
     config: Path = typer.Argument(..., help="Training config YAML."),
     overrides: list[str] = typer.Argument(None, help="key.sub=value overrides"),
+    show: int = typer.Option(0, min=0, help="Also print N samples as text with the trained tokens in ⟦ ⟧."),
 ) -> None:
     """Print packing utilization, number of packs and the lower bound ceil(total/budget)."""
     from zeropad.data.chat import ensure_chat_template
@@ -112,6 +113,10 @@ def pack_stats(
     stats = compute_stats(lengths, plan_packs(lengths, cfg.pack.max_tokens), cfg.pack.max_tokens)
     print(f"data: {report.summary()}")
     print(stats.table())
+    if show:
+        from zeropad.data.preview import preview
+
+        print(preview(samples, tokenizer, show, color=sys.stdout.isatty()))
 
 
 @app.command()
@@ -187,6 +192,74 @@ def plan(
     path, overrides = _split_args(args or [])
     print(run(load_config(path, overrides), num_devices=devices, device_memory=device_memory, strategy=strategy,
               precision=precision, optimizer=optimizer, as_json=as_json))
+
+
+_MODEL_DIR_HELP = "final/, an exported directory, a checkpoint (LoRA merged) or an output directory."
+_TEMPLATE_KWARGS_HELP = ("JSON object of chat template variables, e.g. '{\"enable_thinking\": false}' "
+                         "(default: the run's data.chat_template_kwargs).")
+
+
+def _json_object(option: str, text: str | None) -> dict | None:
+    try:
+        value = None if text is None else json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{option}: not valid JSON: {err}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{option}: must be a JSON object")
+    return value
+
+
+@app.command()
+def chat(
+    model_dir: Path = typer.Argument(..., help=_MODEL_DIR_HELP),
+    system: str = typer.Option(None, help="A system message opening the conversation."),
+    image: list[str] = typer.Option(None, help="An image for the first turn (vision-language models); repeatable."),
+    video: list[str] = typer.Option(None, help="A video for the first turn (vision-language models); repeatable."),
+    max_new_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; above 0: sampling."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, else float32), float32, bfloat16, float16."),
+    chat_template_kwargs: str = typer.Option(None, help=_TEMPLATE_KWARGS_HELP),
+) -> None:
+    """Talk to a model in the terminal: replies stream as they are generated; /reset clears the history, /exit
+    quits."""
+    from zeropad.generate import Settings, chat_loop, load_chatter
+
+    kwargs = _json_object("--chat-template-kwargs", chat_template_kwargs)
+    chatter = load_chatter(model_dir, device, dtype, kwargs)
+    chat_loop(chatter, Settings(max_new_tokens, temperature, top_p), system, image, video)
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help=_MODEL_DIR_HELP),
+    prompts: Path = typer.Option(..., help="JSON/JSONL of {\"prompt\": ...} or training-format records (a final "
+                                 "assistant turn is the reference, not the prompt); images/videos as in training."),
+    out: Path = typer.Option(..., help="JSONL written: each record with its \"response\"."),
+    max_new_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; above 0: sampling."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    batch_size: int = typer.Option(32, min=1, help="Prompts of equal length generated together (no padding)."),
+    device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, else float32), float32, bfloat16, float16."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    chat_template_kwargs: str = typer.Option(None, help=_TEMPLATE_KWARGS_HELP),
+) -> None:
+    """Generate a reply to every prompt of a file with the chat template applied; where records carry a reference
+    reply, print how many replies match it exactly."""
+    import torch
+
+    from zeropad.generate import Settings, generate_file, load_chatter
+
+    torch.manual_seed(seed)
+    chatter = load_chatter(model_dir, device, dtype, _json_object("--chat-template-kwargs", chat_template_kwargs))
+    matches, total = generate_file(chatter, prompts, out, Settings(max_new_tokens, temperature, top_p), batch_size,
+                                   progress)
+    print(f"wrote {out}")
+    if total:
+        print(f"matches the reference reply: {matches / total:.1%} ({matches}/{total})")
 
 
 def main() -> None:

@@ -61,6 +61,9 @@ class DataConfig(_Strict):
     )
     train_on_prompt: bool = Field(False, description="Also train on system/user tokens (default: assistant only).")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Variables for the chat template, e.g. {enable_thinking: false} (Qwen3)."
+    )
     cache_dir: str | None = Field(None, description="Tokenized-sample cache (default ~/.cache/zeropad).")
     num_workers: int = Field(2, ge=0, description="Tokenizer worker processes (0 = in-process).")
 

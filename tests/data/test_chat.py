@@ -94,8 +94,8 @@ def test_tokenize_text_appends_eos_and_trains_every_token(tokenizer):
     assert tokenizer.decode(sample.input_ids[:-1].tolist()) == "The quick brown fox."
 
 
-def test_template_rewriting_earlier_turns_is_refused_with_the_fix(tokenizer):
-    # Renders past assistant turns differently from the last one (as reasoning templates do).
+def test_template_leaving_out_earlier_replies_is_refused_with_the_fix(tokenizer):
+    # Renders past assistant turns as a placeholder: there is no reply text to learn from.
     tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ 'A: ...\n' }}"
         "{% else %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
@@ -109,3 +109,10 @@ def test_template_rejecting_a_conversation_is_a_sample_error(tokenizer):
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(SampleError, match="roles must alternate"):
         tokenize_conversation(MULTI_TURN, tokenizer, train_on_prompt=False)
+
+
+def test_conversation_opening_with_an_assistant_turn_is_a_sample_error(tokenizer):
+    ensure_chat_template(tokenizer, None)
+    conv = Conversation((Message("assistant", "Hi, how can I help?"), Message("user", "Hello")))
+    with pytest.raises(SampleError, match="opens with an assistant turn"):
+        tokenize_conversation(conv, tokenizer, train_on_prompt=False)

@@ -103,7 +103,7 @@ def test_auto_converts_and_undetectable_keys_name_the_record():
         ({"messages": "hi"}, "messages", "field 'messages' must be a list, got string"),
         ({"messages": ["hi"]}, "messages", "'messages' item 1 must be an object"),
         ({"messages": [{"role": "user"}]}, "messages", "missing field 'messages[1].content'"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "unknown role 'tool'"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "messages", "unknown role 'bot'"),
         ({"messages": [{"role": "user", "content": ["x"]}]}, "messages", "must be a string, got list"),
         ({"messages": [{"role": "system", "content": "s"}]}, "messages", "empty conversation"),
         ({"messages": [{"role": "user", "content": "q"}]}, "messages", "no assistant turn to learn from"),

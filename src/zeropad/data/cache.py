@@ -24,7 +24,7 @@ from zeropad.config import DataConfig, SourceConfig
 from zeropad.data.chat import Sample
 from zeropad.train import faults
 
-CACHE_VERSION = 1  # bump when the cached arrays or the tokenization change meaning
+CACHE_VERSION = 2  # bump when the cached arrays or the tokenization change meaning
 DEFAULT_CACHE_DIR = "~/.cache/zeropad/tokenized"
 
 
@@ -47,6 +47,7 @@ def cache_file_for(source: SourceConfig, cfg: DataConfig, tokenizer) -> Path:
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "chat_template": tokenizer.chat_template,
         "train_on_prompt": cfg.train_on_prompt,
+        "chat_template_kwargs": cfg.chat_template_kwargs,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return Path(cfg.cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"{digest}.npz"

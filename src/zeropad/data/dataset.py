@@ -85,7 +85,7 @@ def load_samples(
     report = SampleReport()
     policy = SamplePolicy(cfg.on_bad_sample, report, max_tokens, overlong, collect=True)
     samples: list[Sample] = []
-    with _TokenizerPool(tokenizer, cfg.train_on_prompt, cfg.num_workers) as pool:
+    with _TokenizerPool(tokenizer, cfg, cfg.num_workers) as pool:
         for index, source in enumerate(sources):
             tokenized = _cached_tokenize(source, cfg, tokenizer, pool)
             report.num_records += tokenized.num_records
@@ -144,7 +144,7 @@ def stream_samples(
     ensure_chat_template(tokenizer, cfg.chat_template)
     policy = SamplePolicy(cfg.on_bad_sample, report, max_tokens, overlong, collect=False)
     rng = np.random.default_rng(seed)
-    with _TokenizerPool(tokenizer, cfg.train_on_prompt, cfg.num_workers) as pool:
+    with _TokenizerPool(tokenizer, cfg, cfg.num_workers) as pool:
         streams = [_source_stream(source, index, pool, policy, seed) for index, source in enumerate(sources)]
         weights = [source.weight for source in sources]
         while streams:
@@ -239,7 +239,7 @@ def _jobs(source: SourceConfig, records: Iterable[tuple[int, dict | DataError]])
         yield source.path, source.format, chunk
 
 
-def _tokenize_chunk(job: _Job, tokenizer, train_on_prompt: bool) -> list[tuple[int, Sample | str]]:
+def _tokenize_chunk(job: _Job, tokenizer, cfg: DataConfig) -> list[tuple[int, Sample | str]]:
     """(record number, sample or the reason the record is unusable) for each record of the job."""
     file, fmt, records = job
     results: list[tuple[int, Sample | str]] = []
@@ -252,7 +252,7 @@ def _tokenize_chunk(job: _Job, tokenizer, train_on_prompt: bool) -> list[tuple[i
             if isinstance(item, Text):
                 sample = tokenize_text(item.text, tokenizer)
             else:
-                sample = tokenize_conversation(item, tokenizer, train_on_prompt)
+                sample = tokenize_conversation(item, tokenizer, cfg.train_on_prompt, cfg.chat_template_kwargs)
         except DataError as err:
             results.append((record_no, err.reason))
             continue
@@ -266,12 +266,12 @@ def _tokenize_chunk(job: _Job, tokenizer, train_on_prompt: bool) -> list[tuple[i
 _worker_args: dict = {}
 
 
-def _init_worker(tokenizer, train_on_prompt: bool) -> None:
-    _worker_args.update(tokenizer=tokenizer, train_on_prompt=train_on_prompt)
+def _init_worker(tokenizer, cfg: DataConfig) -> None:
+    _worker_args.update(tokenizer=tokenizer, cfg=cfg)
 
 
 def _tokenize_chunk_in_worker(job: _Job) -> list[tuple[int, Sample | str]]:
-    return _tokenize_chunk(job, _worker_args["tokenizer"], _worker_args["train_on_prompt"])
+    return _tokenize_chunk(job, _worker_args["tokenizer"], _worker_args["cfg"])
 
 
 class _TokenizerPool:
@@ -282,8 +282,8 @@ class _TokenizerPool:
     deadlock.
     """
 
-    def __init__(self, tokenizer, train_on_prompt: bool, num_workers: int):
-        self.tokenizer, self.train_on_prompt, self.num_workers = tokenizer, train_on_prompt, num_workers
+    def __init__(self, tokenizer, cfg: DataConfig, num_workers: int):
+        self.tokenizer, self.cfg, self.num_workers = tokenizer, cfg, num_workers
         self._executor: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> _TokenizerPool:
@@ -296,14 +296,14 @@ class _TokenizerPool:
     def run(self, jobs: Iterable[_Job], parallel: bool) -> Iterator[tuple[int, Sample | str]]:
         if not (parallel and self.num_workers > 0):
             for job in jobs:
-                yield from _tokenize_chunk(job, self.tokenizer, self.train_on_prompt)
+                yield from _tokenize_chunk(job, self.tokenizer, self.cfg)
             return
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
                 self.num_workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.tokenizer, self.train_on_prompt),
+                initargs=(self.tokenizer, self.cfg),
             )
         in_flight: deque = deque()
         for job in jobs:

@@ -1,5 +1,11 @@
 """alpaca / messages / sharegpt / text records -> one Conversation type (or Text, for pretraining).
 
+Tool calling comes in two shapes, both read into the same Conversation: ShareGPT as LLaMA-Factory writes
+it (`function_call` turns whose value is the JSON string {"name", "arguments"}, `observation` turns for
+results, a `tools` field holding a JSON string of function specs) and OpenAI's (`tool_calls` on assistant
+messages, `role: tool` results, a `tools` list). Tool specs are kept in OpenAI's {"type": "function",
+"function": spec} shape and call arguments as objects, which is what Hugging Face chat templates expect.
+
 Each record is checked completely here, so tokenization only ever sees well-formed input,
 and every problem becomes DataError(file, record, reason). Reasons name the field but not the
 offending value's position in the file, so `on_bad_sample: skip` can count them by reason.
@@ -7,6 +13,7 @@ offending value's position in the file, so `on_bad_sample: skip` can count them 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,24 +21,57 @@ from zeropad.data.sources import json_type
 from zeropad.errors import DataError
 
 FORMATS = ("alpaca", "messages", "sharegpt", "text")
-ROLES = ("system", "user", "assistant")
-# ShareGPT speaker names, with the OpenAI names some exports use instead.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speaker names, with the OpenAI names some exports use instead; function_call and
+# observation are LLaMA-Factory's tool-call and tool-result turns.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool"}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict  # the call's arguments as an object (templates render it with tojson)
+    id: str | None = None
+
+    def as_dict(self) -> dict:
+        call = {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if self.id is None else {"id": self.id, **call}
 
 
 @dataclass(frozen=True)
 class Message:
     role: str  # one of ROLES
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant only
+    reasoning_content: str | None = None  # assistant only; templates such as Qwen3's render it in <think>
+    tool_call_id: str | None = None  # tool only, when the data names the call it answers
+
+    def as_dict(self) -> dict:
+        # Keys are present only when set: templates test `'tool_calls' in message` (Llama 3) or
+        # `message.reasoning_content is defined` (Qwen3).
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [call.as_dict() for call in self.tool_calls]
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True)
 class Conversation:
     messages: tuple[Message, ...]
+    tools: tuple[dict, ...] = ()  # function specs, each {"type": "function", "function": {...}}
 
-    def as_dicts(self) -> list[dict[str, str]]:
-        """The shape `tokenizer.apply_chat_template` takes."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """The messages in the shape `tokenizer.apply_chat_template` takes."""
+        return [m.as_dict() for m in self.messages]
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or any(m.tool_calls or m.role == "tool" for m in self.messages)
 
 
 @dataclass(frozen=True)
@@ -60,8 +100,10 @@ def detect_format(record: dict, file: str, record_no: int) -> str:
     )
 
 
-def to_conversation(record: dict, fmt: str, file: str, record_no: int) -> Conversation | Text:
-    """Convert one record of format `fmt` (or "auto") or raise DataError saying what is wrong."""
+def to_conversation(record: dict, fmt: str, file: str, record_no: int,
+                    require_reply: bool = True) -> Conversation | Text:
+    """Convert one record of format `fmt` (or "auto") or raise DataError saying what is wrong.
+    require_reply=False accepts a conversation with no assistant turn yet (a prompt to generate from)."""
     if fmt == "auto":
         fmt = detect_format(record, file, record_no)
     check = _Checker(record, file, record_no)
@@ -70,19 +112,21 @@ def to_conversation(record: dict, fmt: str, file: str, record_no: int) -> Conver
         if not text.strip():
             raise check.error("empty text")
         return Text(text)
+    tools: tuple[dict, ...] = ()
     if fmt == "alpaca":
         messages = _alpaca(check)
     elif fmt == "messages":
-        messages = _messages(check)
+        messages, tools = _messages(check), _tools(check, json_string=False)
     elif fmt == "sharegpt":
-        messages = _sharegpt(check)
+        messages, tools = _sharegpt(check), _tools(check, json_string=True)
     else:
         raise ValueError(f"unknown format {fmt!r}; expected auto or one of {FORMATS}")
     if all(m.role == "system" for m in messages):
         raise check.error("empty conversation")
-    if not any(m.role == "assistant" and m.content.strip() for m in messages):
+    if require_reply and not any(m.role == "assistant" and (m.content.strip() or m.tool_calls) for m in messages):
         raise check.error("no assistant turn to learn from")
-    return Conversation(tuple(messages))
+    _check_tool_results(check, messages)
+    return Conversation(tuple(messages), tools)
 
 
 class _Checker:
@@ -137,19 +181,104 @@ def _alpaca(check: _Checker) -> list[Message]:
 def _messages(check: _Checker) -> list[Message]:
     messages = []
     for i, item in enumerate(check.items("messages"), start=1):
-        role = check.field("role", str, item, f"messages[{i}].")
+        label = f"messages[{i}]."
+        role = check.field("role", str, item, label)
         if role not in ROLES:
             raise check.error(f"unknown role '{role}' (expected {', '.join(ROLES)})")
-        messages.append(Message(role, check.field("content", str, item, f"messages[{i}].")))
+        raw_calls = check.optional("tool_calls", list, item, label) if role == "assistant" else None
+        calls = tuple(_openai_call(check, call, f"{label}tool_calls[{k}]") for k, call in
+                      enumerate(raw_calls or [], start=1))
+        # OpenAI writes content: null on an assistant message that only calls tools.
+        content = check.optional("content", str, item, label) if calls else check.field("content", str, item, label)
+        messages.append(Message(role, content or "", calls, check.optional("reasoning_content", str, item, label),
+                                check.optional("tool_call_id", str, item, label) if role == "tool" else None))
     return messages
+
+
+def _openai_call(check: _Checker, call: Any, label: str) -> ToolCall:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise check.error(f"'{label}' must be an object with a 'function' object")
+    function = call["function"]
+    name = check.field("name", str, function, f"{label}.function.")
+    return ToolCall(name, _arguments(check, function.get("arguments"), f"{label}.function.arguments"),
+                    check.optional("id", str, call, f"{label}."))
+
+
+def _arguments(check: _Checker, arguments: Any, label: str) -> dict:
+    """A call's arguments: an object, or (as OpenAI and glaive write them) a JSON string of one."""
+    if arguments is None:
+        return {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            raise check.error(f"'{label}' is not valid JSON") from None
+    if not isinstance(arguments, dict):
+        raise check.error(f"'{label}' must be a JSON object, got {json_type(arguments)}")
+    return arguments
 
 
 def _sharegpt(check: _Checker) -> list[Message]:
     system = check.optional("system", str)
     messages = [Message("system", system)] if system else []
     for i, item in enumerate(check.items("conversations"), start=1):
-        speaker = check.field("from", str, item, f"conversations[{i}].")
+        label = f"conversations[{i}]."
+        speaker = check.field("from", str, item, label)
         if speaker not in SHAREGPT_ROLES:
             raise check.error(f"unknown speaker '{speaker}' (expected {', '.join(SHAREGPT_ROLES)})")
-        messages.append(Message(SHAREGPT_ROLES[speaker], check.field("value", str, item, f"conversations[{i}].")))
+        value = check.field("value", str, item, label)
+        if speaker == "function_call":
+            messages.append(Message("assistant", "", _sharegpt_calls(check, value, f"{label}value")))
+        else:
+            messages.append(Message(SHAREGPT_ROLES[speaker], value))
     return messages
+
+
+def _sharegpt_calls(check: _Checker, value: str, label: str) -> tuple[ToolCall, ...]:
+    """A function_call turn's value: the JSON string of one {"name", "arguments"} object or a list of them."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise check.error(f"function_call '{label}' is not valid JSON") from None
+    calls = parsed if isinstance(parsed, list) and parsed else [parsed]
+    out = []
+    for call in calls:
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+            raise check.error(f"function_call '{label}' must be a JSON object with a string 'name' and 'arguments'")
+        out.append(ToolCall(call["name"], _arguments(check, call.get("arguments"), f"{label}.arguments")))
+    return tuple(out)
+
+
+def _tools(check: _Checker, json_string: bool) -> tuple[dict, ...]:
+    """The record's function specs ('tools': a list, or in ShareGPT a JSON string of one), each wrapped as
+    {"type": "function", "function": spec} unless it already is."""
+    tools = check.record.get("tools")
+    if tools is None or tools == "":
+        return ()
+    if json_string and isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise check.error("'tools' is not valid JSON") from None
+    if not isinstance(tools, list):
+        raise check.error(f"'tools' must be a list of function specs, got {json_type(tools)}")
+    out = []
+    for k, spec in enumerate(tools, start=1):
+        function = spec.get("function") if isinstance(spec, dict) and spec.get("type") == "function" else spec
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise check.error(f"'tools' item {k} must be a function spec with a string 'name'")
+        out.append({"type": "function", "function": function})
+    return tuple(out)
+
+
+def _check_tool_results(check: _Checker, messages: list[Message]) -> None:
+    """Each tool result answers a call: it follows an assistant turn with calls (or another result), and a
+    turn's calls get at most one result each."""
+    open_calls = 0
+    for message in messages:
+        if message.role == "tool":
+            if open_calls == 0:
+                raise check.error("a tool result (observation) with no tool call before it")
+            open_calls -= 1
+        else:
+            open_calls = len(message.tool_calls)

@@ -130,7 +130,7 @@ def load_vision_samples(cfg: Config, sources, tokenizer, processor, model_config
 def _measure(record: dict, source, cfg: Config, tokenizer, processor, model_config, record_no: int) -> VisionSample:
     conversation = read_image_conversation(record, tokenizer, model_config, file=source.path, record_no=record_no,
                                            fmt=source.format, train_on_prompt=cfg.data.train_on_prompt,
-                                           video=cfg.video)
+                                           video=cfg.video, template_kwargs=cfg.data.chat_template_kwargs)
     if not conversation.sample.loss_mask[1:].any():
         raise DataError(source.path, record_no, "no target tokens")
     length = vision_doc_length(conversation, processor, file=source.path, record_no=record_no)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,8 @@ class ImageConversation:
 
 
 def read_image_conversation(record: dict, tokenizer, config, *, file: str, record_no: int, fmt: str = "auto",
-                            train_on_prompt: bool = False, video: VideoConfig | None = None) -> ImageConversation:
+                            train_on_prompt: bool = False, video: VideoConfig | None = None,
+                            template_kwargs: dict | None = None) -> ImageConversation:
     """Check and tokenize a record of shape (a) or (b) and plan its videos from their metadata with `video`'s fps,
     max_frames and max_pixels (default: VideoConfig()); DataError names the file, record and what is wrong."""
     record, refs = with_placeholders(record, file, record_no)
@@ -150,7 +152,8 @@ def read_image_conversation(record: dict, tokenizer, config, *, file: str, recor
     if refs.videos and family.video_token_id is None:
         raise ZeropadError(f"{file}, record {record_no}: {family.model_type} models take no videos yet; remove "
                            "the videos or train a Qwen2.5-VL / Qwen3-VL model")
-    sample = _tokenize_with_markers(conversation, refs, tokenizer, family, train_on_prompt, file, record_no)
+    sample = _tokenize_with_markers(conversation, refs, tokenizer, family, train_on_prompt, file, record_no,
+                                    template_kwargs)
     settings = video or VideoConfig()
     clips = []
     for i, ref in enumerate(refs.videos):
@@ -162,7 +165,7 @@ def read_image_conversation(record: dict, tokenizer, config, *, file: str, recor
 
 
 def _tokenize_with_markers(conversation, refs: MediaRefs, tokenizer, family: MediaFamily, train_on_prompt: bool,
-                           file: str, record_no: int) -> Sample:
+                           file: str, record_no: int, template_kwargs: dict | None) -> Sample:
     """The conversation tokenized with each placeholder rendered as its marker; no marker token is a target."""
     num_refs = {"image": len(refs.images), "video": len(refs.videos)}
     for medium, count in num_refs.items():
@@ -176,9 +179,10 @@ def _tokenize_with_markers(conversation, refs: MediaRefs, tokenizer, family: Med
     messages = []
     for m in conversation.messages:
         for marker in markers:
-            m = type(m)(m.role, m.content.replace(PLACEHOLDERS[marker.medium], marker.text))
+            m = dataclasses.replace(m, content=m.content.replace(PLACEHOLDERS[marker.medium], marker.text))
         messages.append(m)
-    sample = tokenize_conversation(type(conversation)(tuple(messages)), tokenizer, train_on_prompt)
+    sample = tokenize_conversation(dataclasses.replace(conversation, messages=tuple(messages)), tokenizer,
+                                   train_on_prompt, template_kwargs)
     if not refs.videos and family.video_token_id is not None:  # a literal <|video_pad|> would pass as a video's
         _pad_positions(sample.input_ids, family.video_token_id, "video", 0, file, record_no)
     is_marker = np.zeros(len(sample.input_ids), dtype=bool)
