@@ -121,6 +121,11 @@ def pack_stats(
     if is_multimodal(model_config):  # exact lengths from image headers and video metadata, no pixels
         processor = load_image_processor(cfg, model_config)
         samples, report = load_vision_samples(cfg, cfg.data.sources, tokenizer, processor, model_config)
+    elif cfg.train.objective != "sft":  # preference pairs, each planned as one unit
+        from zeropad.data.preference import load_pairs
+
+        samples, report = load_pairs(cfg.data.sources, cfg.data, tokenizer, max_tokens=cfg.pack.max_tokens,
+                                     seed=cfg.train.seed)
     else:
         samples, report = load_samples(cfg.data.sources, cfg.data, tokenizer, max_tokens=cfg.pack.max_tokens,
                                        overlong=cfg.pack.overlong, seed=cfg.train.seed)

@@ -11,7 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import yaml
+from typer.testing import CliRunner
+
 from tinymodels import tiny_model
+from zeropad.cli import app
+from zeropad.pack.loader import PackLoader, step_packs
 from zeropad.config import build_config
 from zeropad.data.chat import Sample
 from zeropad.data.preference import Pair
@@ -186,3 +191,14 @@ def test_train_dpo_on_llama_factory_pairs(tiny_run, tmp_path):
     assert {"eval_loss", "eval_rewards/accuracy", "eval_rewards/margin"} <= set(final)
     assert len(list((tmp_path / "cache" / "reference").glob("*.npy"))) == 2  # train and eval pairs
     assert (tmp_path / "out" / "loss.png").stat().st_size > 0
+
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(cfg))
+    stats = CliRunner().invoke(app, ["pack-stats", str(tmp_path / "dpo.yaml")])
+    assert stats.exit_code == 0 and "24 records -> 24 samples" in stats.output, stats.output
+
+
+def test_step_packs_count_each_document_of_a_pair():
+    pairs = _pairs(seed=5, n=6)
+    step = next(step_packs(PackLoader(pairs, 64, seed=0), micro_steps=2, collate_fn=collate_pairs))
+    assert sorted(step.doc_lengths) == sorted(n for pack in step.packs for n in pack.doc_lengths)
+    assert step.num_tokens == sum(pack.num_tokens for pack in step.packs)
