@@ -2,7 +2,7 @@
 
 Run from the repository root (a few minutes on a busy two-core machine):
 
-    python benchmarks/preference.py                 # ~30 s of timed steps per method
+    python benchmarks/preference.py                 # ~30 s of timed steps per method, interleaved
     python benchmarks/preference.py --seconds 60    # steadier
 
 Data: preference pairs built from the 999 real Alpaca records in ../shared/data/alpaca_en_demo.json:
@@ -107,24 +107,32 @@ def padded_step(model, optimizer, scheduler, pairs) -> int:
     return ids.numel()
 
 
-def timed(name: str, step_fn, batches, seconds: float, warmup: int) -> dict:
-    pairs = tokens = computed = 0
-    elapsed, steps = 0.0, 0
-    for i, batch in enumerate(batches):
+class Timed:
+    """One method's timed steps; `interleave` runs the methods step by step, so load spikes hit all of them."""
+
+    def __init__(self, name: str, step_fn, batches, warmup: int):
+        self.name, self.step_fn, self.batches, self.warmup = name, step_fn, batches, warmup
+        self.steps = self.pairs = self.tokens = self.computed = 0
+        self.elapsed = 0.0
+
+    def step(self) -> None:
+        batch = next(self.batches)
         t0 = time.perf_counter()
-        positions = step_fn(batch)
+        positions = self.step_fn(batch)
         dt = time.perf_counter() - t0
-        if i < warmup:
-            continue
-        elapsed += dt
-        steps += 1
-        pairs += len(batch)
-        tokens += sum(len(p) for p in batch)
-        computed += positions
-        if elapsed >= seconds:
-            break
-    return {"method": name, "steps": steps, "pairs": pairs, "pairs_per_s": pairs / elapsed,
-            "real_tok_per_s": tokens / elapsed, "fill": tokens / computed}
+        if self.warmup > 0:
+            self.warmup -= 1
+            return
+        self.elapsed += dt
+        self.steps += 1
+        self.pairs += len(batch)
+        self.tokens += sum(len(p) for p in batch)
+        self.computed += positions
+
+
+def interleave(methods: list[Timed], seconds: float) -> None:
+    while any(m.warmup > 0 or m.elapsed < seconds for m in methods):
+        min(methods, key=lambda m: (m.warmup <= 0, m.elapsed)).step()  # the one furthest behind goes next
 
 
 def cycle(items):
@@ -138,6 +146,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per padded batch")
+    parser.add_argument("--pairs", type=int, default=400, help="pairs used (the first of the seeded data)")
     args = parser.parse_args()
     if not ALPACA.is_file():
         sys.exit(f"needs {ALPACA} (the shared sample data)")
@@ -146,7 +155,8 @@ def main() -> None:
     tokenizer = build_tokenizer(records)
     with tempfile.TemporaryDirectory() as work:
         pairs, report = make_pairs(tokenizer, args.max_tokens, work)
-    print(f"data: {report.summary()}")
+    pairs = pairs[:args.pairs]
+    print(f"data: {report.summary()}; {len(pairs)} pairs used, {sum(map(len, pairs)):,} tokens")
 
     packed = build_model("zeropad_varlen")
     state = {k: v.clone() for k, v in packed.state_dict().items()}
@@ -170,16 +180,18 @@ def main() -> None:
     order = np.random.default_rng(SEED).permutation(len(pairs))
     batches = [[pairs[i] for i in order[s:s + args.batch_size]] for s in range(0, len(pairs), args.batch_size)]
 
-    results = [timed("zeropad (packed pairs)", zeropad_step, cycle(packs), args.seconds, args.warmup),
-               timed(f"padded, {args.batch_size} pairs/batch", lambda b: padded_step(padded, popt, psched, b),
-                     cycle(batches), args.seconds, args.warmup)]
+    methods = [Timed("zeropad (packed pairs)", zeropad_step, cycle(packs), args.warmup),
+               Timed(f"padded, {args.batch_size} pairs/batch", lambda b: padded_step(padded, popt, psched, b),
+                     cycle(batches), args.warmup)]
+    interleave(methods, args.seconds)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, max_tokens {args.max_tokens}")
     print(f"{'method':<26} {'steps':>6} {'pairs':>6} {'pairs/s':>8} {'real tok/s':>11} {'fill':>6}")
-    for r in results:
-        print(f"{r['method']:<26} {r['steps']:>6} {r['pairs']:>6} {r['pairs_per_s']:>8.2f} "
-              f"{r['real_tok_per_s']:>11,.0f} {r['fill']:>6.1%}")
-    print(f"\nzeropad / padded pairs/s: {results[0]['pairs_per_s'] / results[1]['pairs_per_s']:.2f}x")
+    for m in methods:
+        print(f"{m.name:<26} {m.steps:>6} {m.pairs:>6} {m.pairs / m.elapsed:>8.2f} {m.tokens / m.elapsed:>11,.0f} "
+              f"{m.tokens / m.computed:>6.1%}")
+    ratio = (methods[0].pairs / methods[0].elapsed) / (methods[1].pairs / methods[1].elapsed)
+    print(f"\nzeropad / padded pairs/s: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
