@@ -9,8 +9,8 @@ Data: preference pairs built from the 999 real Alpaca records in ../shared/data/
 the prompt is a record's instruction (and input), the chosen answer its output, the rejected answer the
 output of another record (seeded), so the lengths are real answer lengths. Tokenized by zeropad's own
 preference path (ChatML, answer-only targets) with benchmarks/throughput.py's offline BPE tokenizer; pairs
-over --max-tokens are skipped. The same random Qwen3-architecture model (~7M parameters, fp32, the same
-initial weights), the same AdamW; reference log-probs are computed once before timing for both methods
+over --max-tokens are skipped. The same random Qwen3-architecture model (benchmarks/throughput.py's, 32M
+parameters, fp32, the same initial weights), the same AdamW; reference log-probs are computed once before timing for both methods
 (TRL's precompute_ref_log_probs), so the timed steps are the policy's forward, backward and update.
 
   zeropad   pairs planned as units of their total length into packs of at most --max-tokens real tokens,
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import ALPACA, build_tokenizer  # noqa: E402
+from throughput import ALPACA, MODEL_CONFIG, build_tokenizer  # noqa: E402  (the SFT benchmark's 32M model)
 
 import zeropad.model.attention  # noqa: E402,F401  (registers zeropad_varlen)
 from zeropad.config import DataConfig, SourceConfig, TrainConfig  # noqa: E402
@@ -51,9 +51,6 @@ from zeropad.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from zeropad.train.preference import PreferenceObjective, collate_pairs, compute_reference  # noqa: E402
 
 SEED, BETA = 0, 0.1
-MODEL_CONFIG = dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=64, intermediate_size=704, max_position_embeddings=4096,
-                    tie_word_embeddings=False, use_cache=False, pad_token_id=0, bos_token_id=None, eos_token_id=2)
 
 
 def make_pairs(tokenizer, max_tokens: int, work: str):
@@ -146,7 +143,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per padded batch")
-    parser.add_argument("--pairs", type=int, default=400, help="pairs used (the first of the seeded data)")
+    parser.add_argument("--pairs", type=int, default=200, help="pairs used (the first of the seeded data)")
     args = parser.parse_args()
     if not ALPACA.is_file():
         sys.exit(f"needs {ALPACA} (the shared sample data)")

@@ -50,7 +50,7 @@ def test_a_multi_turn_prompt_trains_only_the_final_answer(tokenizer):
     record = {"system": "Be brief.", "conversations": [
         {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}, {"from": "human", "value": "1+1?"}],
         "chosen": {"from": "gpt", "value": "2"}, "rejected": {"from": "gpt", "value": "11"}}
-    prompt, chosen, rejected = to_pair_messages(record, "f.json", 1)
+    prompt, _, _ = to_pair_messages(record, "f.json", 1)
     assert [m.role for m in prompt] == ["system", "user", "assistant", "user"]
     pair = tokenize_pair(record, "f.json", 1, tokenizer)
     assert _targets(pair.chosen, tokenizer) == "2<|im_end|>\n"
