@@ -31,7 +31,7 @@ def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [key.sub=value ...]"),
     default: str = typer.Option("text", "--default", help="The built-in run when no CONFIG is given: text "
                                 "(a tiny LM learns 2-digit addition) or vlm (a tiny VLM learns to answer "
-                                "questions about generated images)."),
+                                "questions about generated images) or dpo (DPO teaches the tiny LM an answer format)."),
 ) -> None:
     from zeropad.train.loop import train as run_training
 
@@ -42,8 +42,10 @@ def train(
         _default_text(overrides)
     elif default == "vlm":
         _default_vlm(overrides)
+    elif default == "dpo":
+        _default_dpo(overrides)
     else:
-        raise ZeropadError(f"--default {default!r}: choose text or vlm")
+        raise ZeropadError(f"--default {default!r}: choose text, vlm or dpo")
 
 
 def _default_text(overrides: list[str]) -> None:
@@ -57,6 +59,20 @@ def _default_text(overrides: list[str]) -> None:
     score = exact_match(result.model, result.tokenizer, heldout)
     _add_to_summary(cfg.output_dir, {"heldout_exact_match": score})
     print(f"held-out exact match: {score:.1%} on {len(heldout)} unseen additions (chance is ~1%)")
+
+
+def _default_dpo(overrides: list[str]) -> None:
+    from zeropad.demo.preference_task import default_config
+    from zeropad.train.loop import train as run_training
+
+    chosen = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
+    output_dir = load_config(None, overrides).output_dir if chosen else "runs/zeropad-dpo"
+    cfg = load_config(None, overrides, base=default_config(output_dir))
+    run_training(cfg)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["eval_rewards/accuracy"] for r in records if "eval_rewards/accuracy" in r]
+    _add_to_summary(cfg.output_dir, {"heldout_rewards_accuracy": accuracy[-1]})
+    print(f"held-out rewards/accuracy: {accuracy[-1]:.1%} of unseen pairs ranked chosen over rejected (chance 50%)")
 
 
 def _default_vlm(overrides: list[str]) -> None:
@@ -106,6 +122,11 @@ def pack_stats(
     if is_multimodal(model_config):  # exact lengths from image headers and video metadata, no pixels
         processor = load_image_processor(cfg, model_config)
         samples, report = load_vision_samples(cfg, cfg.data.sources, tokenizer, processor, model_config)
+    elif cfg.train.objective != "sft":  # preference pairs, each planned as one unit
+        from zeropad.data.preference import load_pairs
+
+        samples, report = load_pairs(cfg.data.sources, cfg.data, tokenizer, max_tokens=cfg.pack.max_tokens,
+                                     seed=cfg.train.seed)
     else:
         samples, report = load_samples(cfg.data.sources, cfg.data, tokenizer, max_tokens=cfg.pack.max_tokens,
                                        overlong=cfg.pack.overlong, seed=cfg.train.seed)

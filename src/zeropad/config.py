@@ -100,6 +100,15 @@ class TrainConfig(_Strict):
         default_factory=dict, description="Peak learning rate per group (e.g. {vision: 2e-6}); groups not named use "
         "train.lr. Warmup and schedule scale every group alike.",
     )
+    objective: Literal["sft", "dpo", "simpo", "orpo"] = Field(
+        "sft", description="sft: token loss on the targets; dpo (sigmoid loss against the frozen starting model), "
+        "simpo or orpo (reference-free): preference pairs (prompt, chosen, rejected), loss averaged over pairs.",
+    )
+    beta: float = Field(0.1, gt=0, description="dpo/simpo: inverse temperature of the preference loss; orpo: weight "
+                        "of the odds-ratio term.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/simpo: probability that a pair's preference "
+                                   "is flipped (conservative DPO).")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma.")
     router_aux_loss_coef: float | None = Field(
         None, ge=0, description="MoE load-balancing loss coefficient (null: the model config's "
         "router_aux_loss_coef; 0: off). Averaged over the step's tokens like the token loss.",

@@ -53,6 +53,9 @@ class Pack:
     doc_lengths: list[int]
     num_targets: int
     media: dict[str, torch.Tensor] = field(default_factory=dict)  # all documents' media, in document order
+    # Preference training (train/preference.py): documents 2i and 2i+1 are pair i's chosen and rejected answers.
+    num_pairs: int = 0
+    ref_logps: torch.Tensor | None = None  # float32 [n_docs]: the reference model's log-probability sums (DPO)
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +65,8 @@ class Pack:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Pack(move(self.input_ids), move(self.position_ids), move(self.target_ids), move(self.cu_seqlens),
                     self.max_seqlen, self.doc_lengths, self.num_targets,
-                    {name: move(t) for name, t in self.media.items()})
+                    {name: move(t) for name, t in self.media.items()}, self.num_pairs,
+                    None if self.ref_logps is None else move(self.ref_logps))
 
     def model_inputs(self) -> dict:
         """Keyword arguments for a Hugging Face model's forward: no attention mask, varlen kwargs instead."""

@@ -89,7 +89,8 @@ def step_packs(loader: PackLoader | StreamingPackLoader, micro_steps: int, world
     groups = world_size // sp_size
     while True:
         step_docs = [next(stream) for _ in range(groups * micro_steps)]
-        lengths = [[len(s) for s in docs] for docs in step_docs]
+        # a preference pair (data/preference.py) is one planning unit but two documents: count each document
+        lengths = [[len(d) for s in docs for d in getattr(s, "docs", (s,))] for docs in step_docs]
         assignment = assign_packs_to_ranks(lengths, groups)
         yield StepPacks(
             packs=[collate_fn(step_docs[p]) for p in assignment.packs_by_rank[rank // sp_size]],

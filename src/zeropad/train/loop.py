@@ -39,6 +39,8 @@ from zeropad.train.guard import RunGuard, StopSignals
 from zeropad.train.oom import StepMemory
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
 from zeropad.train.moe import RouterStats
+from zeropad.train.preference import PreferenceObjective, attach_reference, build_objective, check_preference, \
+    collate_pairs, prepare_pairs
 from zeropad.train.optim import apply_freeze, build_optimizer, build_scheduler, describe_groups, group_lrs
 
 
@@ -77,6 +79,7 @@ class StepSetup:
     activations: object = field(default_factory=contextlib.nullcontext)  # checkpointing.activation_context
     router: RouterStats | None = None  # an MoE model's routers (train/moe.py)
     vision: VisionCalls | None = None  # an FSDP-sharded VLM: equal vision tower calls on every rank (sharding.py)
+    objective: PreferenceObjective | None = None  # a pair loss over the packs' pairs (train/preference.py)
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,9 @@ def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int |
     all-reduced; by default this process's packs), so the summed gradient is that of the token mean over
     the step. An MoE model's aux loss is weighted by each pack's share of the step's tokens (`num_tokens`,
     all ranks), the same normalisation (train/moe.py). Gradients are synchronised across ranks on the last
-    micro-step only."""
+    micro-step only. A preference objective's pair losses are divided by the step's pair count instead."""
     model, router = setup.model, setup.router
-    num_targets = sum(p.num_targets for p in packs) if num_targets is None else num_targets
+    num_targets = sum(p.num_pairs or p.num_targets for p in packs) if num_targets is None else num_targets
     num_tokens = sum(p.num_tokens for p in packs) if num_tokens is None else num_tokens
     assert num_targets > 0, "every sample carries at least one target token"
     scale = loss_scale(model)  # DDP averages over ranks; the global mean needs their sum
@@ -120,7 +123,10 @@ def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int |
         setup.vision.plan(packs)
     for i, pack in enumerate(packs):
         with gradient_sync(model, enabled=i == len(packs) - 1), setup.activations:
-            loss = forward_loss_sum(model, pack, setup.autocast, setup.loss_chunk_tokens) / num_targets
+            if setup.objective is None:
+                loss = forward_loss_sum(model, pack, setup.autocast, setup.loss_chunk_tokens) / num_targets
+            else:
+                loss = setup.objective.loss_sum(model, pack, setup.autocast) / num_targets
             aux = router.pack_aux_loss() * (pack.num_tokens / num_tokens) if router else torch.zeros((), device=device)
             ((loss + aux) * scale if scale != 1 else loss + aux).backward()
         loss_total += loss.detach()
@@ -148,12 +154,17 @@ def train_step(setup: StepSetup, packs: list[Pack], num_targets: int | None = No
 
 
 @torch.no_grad()
-def evaluate(model, packs: list[Pack], device: torch.device, autocast, loss_chunk_tokens: int | None = None) -> float:
+def evaluate(model, packs: list[Pack], device: torch.device, autocast, loss_chunk_tokens: int | None = None,
+             objective: PreferenceObjective | None = None) -> float:
+    """The token-mean loss over `packs`, or with a preference `objective`, the pair-mean loss (its rewards tallied)."""
     model.eval()
     loss_sum, num_targets = 0.0, 0
     for pack in packs:
-        loss_sum += forward_loss_sum(model, pack.to(device), autocast, loss_chunk_tokens).item()
-        num_targets += pack.num_targets
+        if objective is None:
+            loss_sum += forward_loss_sum(model, pack.to(device), autocast, loss_chunk_tokens).item()
+        else:
+            loss_sum += objective.loss_sum(model, pack.to(device), autocast).item()
+        num_targets += pack.num_pairs or pack.num_targets
     model.train()
     if ulysses.active() is not None:  # each rank of an SP group evaluated its token range of the same packs
         loss_sum, num_targets = ulysses.group_sum(torch.tensor([loss_sum, num_targets], dtype=torch.float64,
@@ -166,6 +177,8 @@ def _prepare_data(cfg: Config, tokenizer, processor=None, model_config=None
     """Training loader, eval samples and the data report; image conversations when `processor` is given."""
     if not cfg.data.sources:
         raise ConfigError("data.sources is empty: give at least one dataset")
+    if cfg.train.objective != "sft":
+        return prepare_pairs(cfg, tokenizer)
     common = dict(max_tokens=cfg.pack.max_tokens, overlong=cfg.pack.overlong, seed=cfg.train.seed)
     if processor is None:
         load = lambda sources: load_samples(sources, cfg.data, tokenizer, **common)  # noqa: E731
@@ -242,18 +255,21 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     model_config = build_model_config(cfg.model)
     check_packable(model_config)  # a family packing cannot keep exact is refused before any data is read
     _check_sequence_parallel(cfg, model_config)
+    check_preference(cfg, is_multimodal(model_config))
     processor = load_image_processor(cfg, model_config) if is_multimodal(model_config) else None
     loader, eval_samples, report = _prepare_data(cfg, tokenizer, processor, model_config)
     base_model, model, groups, slots = _build_model(cfg, tokenizer, processor, device)
     collate_fn = collate if processor is None else MultimodalCollator(
         base_model.config, position_rule(base_model), processor, cfg.data.on_bad_sample, report)
+    objective = build_objective(cfg)
+    if objective is not None:  # a pair's chosen and rejected answers, two documents of one pack
+        collate_fn = collate_pairs
     sp = ulysses.active()
     if sp is not None:  # every rank of an SP group collates the same pack and keeps its token range
         if processor is not None:  # a VLM embeds the whole pack (all its images); its decoder keeps the range
             ulysses.keep_token_range(base_model)
         collate_fn = lambda docs, whole=collate_fn: ulysses.split_pack(  # noqa: E731
             whole(docs), sp.rank, sp.size, whole_inputs=processor is not None)
-    eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
     flops = FlopCounter(model)
     num_params = sum(p.numel() for p in model.parameters())
     num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -261,10 +277,14 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     model = parallelize(model, cfg.parallel, cfg.train.dtype, device)  # the last change to the model
     if slots is not None:  # built on meta and sharded there: each rank now reads or draws its shards alone
         materialize(model, slots, cfg.model, seed=cfg.train.seed, device=device, parallel=cfg.parallel)
+    if objective is not None and objective.needs_reference:  # before resume: the frozen *starting* model
+        for pairs in (loader.samples, eval_samples):
+            attach_reference(cfg, model, pairs, device, _autocast(cfg, device))
+    eval_set = eval_packs(eval_samples, cfg.pack.max_tokens, collate_fn) if eval_samples else []
     optimizer = build_optimizer(model, cfg.train)
     setup = StepSetup(model, optimizer, build_scheduler(optimizer, cfg.train), _autocast(cfg, device),
                       cfg.train.grad_clip, loss_chunk_tokens, activation_context(cfg.memory, device),
-                      RouterStats.attach(model, cfg.train.router_aux_loss_coef), VisionCalls.attach(model))
+                      RouterStats.attach(model, cfg.train.router_aux_loss_coef), VisionCalls.attach(model), objective)
     guard = RunGuard(cfg, model, optimizer, setup.scheduler, loader, tokenizer, stop)
     guard.data = run_fingerprint(cfg, tokenizer, report.num_records)
     start = guard.resume()  # before the logger appends: metrics.jsonl keeps only records up to `start`
@@ -295,7 +315,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         with memory.step(step, [p.num_tokens for p in step_data.packs]):  # OOM: named, last good state saved
             faults.inject("step", step)
             packs = [p.to(device) for p in step_data.packs]
-            num_targets = int(distributed.all_reduce_sum(sum(p.num_targets for p in packs), device))  # before backward
+            # before backward; the loss is a mean over target tokens, or over pairs for a preference objective
+            num_targets = int(distributed.all_reduce_sum(sum(p.num_pairs or p.num_targets for p in packs), device))
             result = train_step(setup, packs, num_targets, step_data.num_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -304,11 +325,13 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         tokens = step_data.num_tokens  # all ranks
         record = {
             "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": tokens,
-            "target_tokens": num_targets, "tokens_per_s": tokens / seconds,
+            "target_tokens" if objective is None else "pairs": num_targets, "tokens_per_s": tokens / seconds,
             "pad_fraction": 0.0,  # no pad token ever enters the model
             "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * (world // cfg.parallel.sp_size)),
             "epoch": loader.epoch,
         }
+        if objective is not None:
+            record.update(objective.metrics(device))
         if len(lrs) > 1:
             record.update({f"lr_{group}": value for group, value in lrs.items()})
         if setup.router is not None:
@@ -325,17 +348,20 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         if device.type == "cuda":
             record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if eval_set and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens)
+            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens,
+                                                       objective)
+            record.update(objective.metrics(device, "eval_") if objective is not None else {})
         guard.observe(record, result.skipped)
         logger.log(record)
-        progress.update(result.loss, record["tokens_per_s"], record["pad_fraction"])
+        progress.update(result.loss, record["tokens_per_s"], record["pad_fraction"], record.get("rewards/accuracy"))
         guard.end_step(step)  # checkpoint when due; on SIGTERM/SIGINT or too many bad steps, also stop
     guard.finish()
     progress.close()
 
     if eval_set and (not cfg.eval.every_steps or cfg.train.steps % cfg.eval.every_steps):
-        eval_loss = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens)
-        logger.log({"step": cfg.train.steps, "eval_loss": eval_loss})
+        eval_loss = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens, objective)
+        logger.log({"step": cfg.train.steps, "eval_loss": eval_loss,
+                    **(objective.metrics(device, "eval_") if objective is not None else {})})
     logger.close()
     return _save_final(cfg, model, tokenizer, processor, logger, guard, report, result.loss, eval_loss)
 

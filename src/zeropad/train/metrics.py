@@ -89,8 +89,10 @@ class Progress:
                         dynamic_ncols=True)
         self.start = time.perf_counter()
 
-    def update(self, loss: float, tokens_per_s: float, pad_fraction: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", pad=f"{pad_fraction:.1%}",
+    def update(self, loss: float, tokens_per_s: float, pad_fraction: float, accuracy: float | None = None) -> None:
+        """`accuracy`: a preference objective's rewards/accuracy, shown when given."""
+        extra = {} if accuracy is None else {"acc": f"{accuracy:.0%}"}
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", pad=f"{pad_fraction:.1%}", **extra,
                              refresh=False)
         self.bar.update(1)
 
@@ -120,6 +122,17 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     ax.set_ylabel("loss (token mean)")
     ax.grid(alpha=0.3)
     ax.legend()
+    accuracy = [(r["step"], r["rewards/accuracy"]) for r in records if "rewards/accuracy" in r]
+    if accuracy:  # a preference objective: its loss is a pair mean, and the reward accuracy on a second axis
+        ax.set_ylabel("loss (pair mean)")
+        right = ax.twinx()
+        right.plot(*zip(*accuracy), color="tab:green", alpha=0.6, label="rewards/accuracy")
+        evals = [(r["step"], r["eval_rewards/accuracy"]) for r in records if "eval_rewards/accuracy" in r]
+        if evals:
+            right.plot(*zip(*evals), "s-", color="tab:olive", label="eval rewards/accuracy")
+        right.set_ylim(0, 1)
+        right.set_ylabel("rewards/accuracy")
+        right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
