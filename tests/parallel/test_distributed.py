@@ -26,7 +26,7 @@ from zeropad.train.loop import train  # noqa: E402
 STEPS = 4
 CHECKPOINTS = {"every_steps": 2, "keep": 5}  # step 2 (resumed from below) and step 4
 SMALL_SHARD = 20_000  # bytes: the tiny model's final/ and export in several files
-LAUNCH_TIMEOUT_S = 120  # a hang (a rank waiting forever on a dead peer) fails the test instead
+LAUNCH_TIMEOUT_S = 300  # a hang (a rank waiting forever on a dead peer) fails the test instead
 
 
 def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
