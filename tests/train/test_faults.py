@@ -1,4 +1,4 @@
-"""Faults around a run, injected with ZEROPAD_TEST_FAULT (train/faults.py) and run through the command line in
+"""Faults around a run, injected with ZEROPAD_TEST_FAULT (zeropad/storage.py) and run through the command line in
 this process: each ends in a named message and its exit code, no traceback, nothing half-written, and
 resume=auto then gives bitwise the losses and final weights of the uninterrupted run."""
 

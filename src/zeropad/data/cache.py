@@ -22,7 +22,7 @@ import numpy as np
 
 from zeropad.config import DataConfig, SourceConfig
 from zeropad.data.chat import Sample
-from zeropad.train import faults
+from zeropad import storage
 
 CACHE_VERSION = 2  # bump when the cached arrays or the tokenization change meaning
 DEFAULT_CACHE_DIR = "~/.cache/zeropad/tokenized"
@@ -95,9 +95,9 @@ def write_cache(cache_file: Path, tokenized: TokenizedSource) -> None:
         "num_records": np.asarray(tokenized.num_records, dtype=np.int64),
     }
     needed = sum(a.nbytes for a in arrays.values())
-    with faults.writing("the tokenized-sample cache (set data.cache_dir to a folder with room)", cache_file.parent,
+    with storage.writing("the tokenized-sample cache (set data.cache_dir to a folder with room)", cache_file.parent,
                         needed):
-        faults.inject("cache")
+        storage.inject("cache")
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target, then rename: readers (other ranks, later runs) never see a partial file.
         fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")

@@ -3,19 +3,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from zeropad.config import Config
-from zeropad.errors import ConfigError, Preempted, TooManyBadSteps, ZeropadError
+from zeropad import storage
+from zeropad.errors import ConfigError, Preempted, StorageError, TooManyBadSteps, ZeropadError
 from zeropad.parallel import distributed
 from zeropad.train.fingerprint import DATA_FILE, check_resume_data
-from zeropad.train.state import (Position, checkpoint_root, load_checkpoint, prune, resume_newest, save_checkpoint,
-                                 step_dirs, supersede_newer)
+from zeropad.train.state import (Position, checkpoint_root, last_complete_checkpoint, load_checkpoint, prune,
+                                 resume_newest, save_checkpoint, step_dirs, supersede_newer)
 
 SECOND_INTERRUPT_EXIT = 130  # 128 + SIGINT, the shell's convention for "killed by Ctrl-C"
 
@@ -251,3 +254,28 @@ def resume_command(argv: list[str]) -> str:
     """The command that continues this run: the same arguments, with resume=auto."""
     args = [arg for arg in argv if not arg.startswith("resume=")]
     return shlex.join(["zeropad", *args, "resume=auto"])
+
+
+@contextmanager
+def named_storage_faults(output_dir: str | Path):
+    """Around a whole run: a StorageError gains the last complete checkpoint, which `resume=auto` continues
+    from; a storage OSError that no write named (ENOSPC, EROFS, EIO, EDQUOT) is named by its file."""
+    disk_errors = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT}
+    try:
+        yield
+    except StorageError as err:
+        raise _with_checkpoint(str(err), output_dir) from None
+    except OSError as err:
+        if err.errno not in disk_errors:
+            raise
+        where = err.filename or output_dir
+        raise _with_checkpoint(f"could not write {where}: {storage.why(err, Path(where))}", output_dir) from None
+
+
+def _with_checkpoint(message: str, output_dir: str | Path) -> StorageError:
+    last = last_complete_checkpoint(output_dir)
+    if last is None:
+        return StorageError(f"{message}. No checkpoint was written yet: the run starts over once the fault is "
+                            "fixed", None)
+    return StorageError(f"{message}. The last complete checkpoint is {last}: once the fault is fixed, resume=auto "
+                        "continues from it", str(last))

@@ -33,9 +33,10 @@ from zeropad.plan.fit import resolve_checkpointing
 from zeropad.parallel.materialize import materialize, weight_slots
 from zeropad.parallel.sharding import VisionCalls, check_parallel, gradient_sync, loss_scale, parallelize, unwrap
 from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
-from zeropad.train import faults, preflight
+from zeropad import storage
+from zeropad.train import preflight
 from zeropad.train.fingerprint import run_fingerprint
-from zeropad.train.guard import RunGuard, StopSignals
+from zeropad.train.guard import RunGuard, StopSignals, named_storage_faults
 from zeropad.train.oom import StepMemory
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
 from zeropad.train.moe import RouterStats
@@ -233,7 +234,7 @@ def train(cfg: Config) -> TrainResult:
     distributed.init(device, single=cfg.parallel.cpu_offload and device.type == "cuda")
     try:
         # the stop signals are armed only while steps run (the previous handlers come back after)
-        with faults.named_storage_faults(cfg.output_dir), StopSignals() as stop, \
+        with named_storage_faults(cfg.output_dir), StopSignals() as stop, \
                 ulysses.sequence_parallel(cfg.parallel.sp_size):
             result = _train(cfg, stop, device)
         distributed.barrier()  # no rank destroys the group while another still has collectives in flight
@@ -313,7 +314,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         step_data = next(steps_iter)
         lr, lrs = setup.scheduler.get_last_lr()[0], group_lrs(optimizer)
         with memory.step(step, [p.num_tokens for p in step_data.packs]):  # OOM: named, last good state saved
-            faults.inject("step", step)
+            storage.inject("step", step)
             packs = [p.to(device) for p in step_data.packs]
             # before backward; the loss is a mean over target tokens, or over pairs for a preference objective
             num_targets = int(distributed.all_reduce_sum(sum(p.num_pairs or p.num_targets for p in packs), device))
@@ -410,21 +411,21 @@ def _save_final(cfg: Config, model, tokenizer, processor, logger: MetricsLogger,
     model = unwrap(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     # A failed write removes final/ (it is written again on resume); the end-of-run checkpoint is complete.
-    with faults.writing("the final model", final_dir, weights, partial=final_dir):
+    with storage.writing("the final model", final_dir, weights, partial=final_dir):
         # Every rank: under FSDP each weight is gathered in turn (collectives), only rank 0 keeps and writes it.
         save_hf_model(model, final_dir, cfg.checkpoint.max_shard_size, write=distributed.is_main())
         if not distributed.is_main():
             return TrainResult(model, tokenizer, output_dir, loss, eval_loss, report)
-        faults.inject("final")
+        storage.inject("final")
         tokenizer.save_pretrained(final_dir)
         if processor is not None:
             processor.save_pretrained(final_dir)  # final/ is a complete VLM directory: it trains and loads again
-    with faults.writing("the loss plot", output_dir / "loss.png", partial=output_dir / "loss.png"):
+    with storage.writing("the loss plot", output_dir / "loss.png", partial=output_dir / "loss.png"):
         plot_losses(logger.path, output_dir / "loss.png")
     summary = {"steps": cfg.train.steps, "final_loss": loss, "eval_loss": eval_loss, "data": report.summary(),
                "data_counts": report.counts(), "bad_steps": guard.position.bad_steps,
                "world_size": distributed.world_size()}
-    with faults.writing("summary.json", output_dir, partial=output_dir / "summary.json"):
+    with storage.writing("summary.json", output_dir, partial=output_dir / "summary.json"):
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     eval_text = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""
     print(f"done: {cfg.train.steps} steps, final loss {loss:.4f}{eval_text}")

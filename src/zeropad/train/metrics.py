@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from zeropad.train import faults
+from zeropad import storage
 
 # Dense bf16 peak TFLOP/s of common training GPUs (vendor datasheets, SXM parts), for MFU.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "B200": 2250.0}
@@ -50,7 +50,7 @@ class MetricsLogger:
 
     def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool = True):
         self.path = output_dir / "metrics.jsonl"
-        with faults.writing("the metrics log", self.path):
+        with storage.writing("the metrics log", self.path):
             output_dir.mkdir(parents=True, exist_ok=True)
             self.file = self.path.open("a") if enabled else None  # disabled on ranks other than 0
         self.tb = None
@@ -64,8 +64,8 @@ class MetricsLogger:
             return
         line = json.dumps(record) + "\n"
         # a line cut short here is dropped on resume (guard._trim_metrics)
-        with faults.writing(f"the metrics record of step {record['step']}", self.path, len(line)):
-            faults.inject("metrics", record["step"])
+        with storage.writing(f"the metrics record of step {record['step']}", self.path, len(line)):
+            storage.inject("metrics", record["step"])
             self.file.write(line)
             self.file.flush()
         if self.tb is not None:

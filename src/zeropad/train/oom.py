@@ -16,7 +16,8 @@ from zeropad.parallel import distributed
 from zeropad.plan.arch import arch_of
 from zeropad.plan.fit import budget_bytes, detect_device_bytes, largest_tokens, options, recommend, setup_from_config
 from zeropad.plan.memory import GB, device_total, plan
-from zeropad.train.faults import fmt_bytes, last_complete_checkpoint
+from zeropad.storage import fmt_bytes
+from zeropad.train.state import last_complete_checkpoint
 
 
 class StepMemory:

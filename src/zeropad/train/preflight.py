@@ -18,7 +18,7 @@ from zeropad.model.load import build_model
 from zeropad.parallel import distributed
 from zeropad.plan.arch import arch_of
 from zeropad.plan.memory import Setup, model_states
-from zeropad.train import faults
+from zeropad import storage
 from zeropad.train.optim import apply_freeze
 from zeropad.train.state import MANIFEST, checkpoint_root, step_dirs
 
@@ -33,15 +33,15 @@ def check(cfg: Config) -> None:
     all agree, so that none starts while another stops. Writes OUTPUT_DIR/config.json (rank 0)."""
     out = Path(cfg.output_dir)
     try:
-        faults.agreed(lambda: _probe(out, cfg), "OUTPUT_DIR", out)
+        storage.agreed(lambda: _probe(out, cfg), "OUTPUT_DIR", out)
     except StorageError as err:
         raise NotEnoughSpace(f"output_dir: {err}; choose another output_dir") from None
     needs = disk_needs(cfg)
-    needed, free = sum(needs.values()), faults.free_bytes(out)
-    parts = ", ".join(f"{name} {faults.fmt_bytes(n)}" for name, n in needs.items())
-    message = faults.on_any_rank(None if needed <= free else (
-        f"output_dir {out.absolute()} has {faults.fmt_bytes(free)} free, but the run writes about "
-        f"{faults.fmt_bytes(needed)} there ({parts})"))
+    needed, free = sum(needs.values()), storage.free_bytes(out)
+    parts = ", ".join(f"{name} {storage.fmt_bytes(n)}" for name, n in needs.items())
+    message = storage.on_any_rank(None if needed <= free else (
+        f"output_dir {out.absolute()} has {storage.fmt_bytes(free)} free, but the run writes about "
+        f"{storage.fmt_bytes(needed)} there ({parts})"))
     if message is None:
         return
     if cfg.checkpoint.on_low_disk == "warn":
@@ -73,7 +73,7 @@ def disk_needs(cfg: Config) -> dict[str, int]:
     one_checkpoint = int(states["parameters"] + states["optimizer state"]) + _tokenizer_bytes(cfg)
     existing = sum((path / MANIFEST).is_file() for _, path in step_dirs(checkpoint_root(cfg.output_dir)))
     count = max(1, cfg.checkpoint.keep + 1 - existing)
-    return {f"{count} checkpoint(s) of {faults.fmt_bytes(one_checkpoint)} (checkpoint.keep={cfg.checkpoint.keep} "
+    return {f"{count} checkpoint(s) of {storage.fmt_bytes(one_checkpoint)} (checkpoint.keep={cfg.checkpoint.keep} "
             "+ the next, written before the oldest is deleted)": count * one_checkpoint,
             "final/": int(states["parameters"]),
             "logs": LOG_BYTES + LOG_BYTES_PER_STEP * cfg.train.steps}

@@ -25,9 +25,9 @@ The single-process format of earlier versions (model.safetensors + optimizer.pt)
 any world size, through zeropad.train.state_legacy; new checkpoints are always DCP.
 
 A write that fails (no space, read-only, I/O error) stops the run with a StorageError on every rank
-naming what, where and why, and the temporary directory is removed (train/faults.py).
+naming what, where and why, and the temporary directory is removed (train/storage.py).
 
-Test hooks: ZEROPAD_TEST_FAULT=checkpoint:KIND[@STEP] (train/faults.py); ZEROPAD_TEST_KILL_DURING_SAVE=STEP makes the process SIGKILL itself halfway through
+Test hooks: ZEROPAD_TEST_FAULT=checkpoint:KIND[@STEP] (train/storage.py); ZEROPAD_TEST_KILL_DURING_SAVE=STEP makes the process SIGKILL itself halfway through
 writing checkpoint STEP (model and optimizer written, manifest not), to test that a crash there loses
 nothing.
 """
@@ -59,7 +59,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from zeropad.errors import StorageError, ZeropadError
 from zeropad.parallel import distributed
-from zeropad.train import faults, state_legacy
+from zeropad import storage
+from zeropad.train import state_legacy
 
 MANIFEST = "COMPLETE"
 DCP_DIR = "dcp"
@@ -163,7 +164,7 @@ def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer
     name -> text), and rank 0 renames the directory into place once every rank has written.
 
     A failed write (no space, read-only, I/O error) on any rank raises the same StorageError on every rank
-    (faults.agreed, which also stands in for the barriers), and the partial directory is removed."""
+    (storage.agreed, which also stands in for the barriers), and the partial directory is removed."""
     from zeropad.parallel.sharding import unwrap
 
     root = checkpoint_root(output_dir)
@@ -185,7 +186,7 @@ def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer
             os.kill(os.getpid(), signal.SIGKILL)
 
     def small_files() -> None:
-        faults.inject("checkpoint", position.step)
+        storage.inject("checkpoint", position.step)
         torch.save({"scheduler": scheduler.state_dict()}, tmp / SCHEDULER)
         _write_small_files(tmp, position, unwrap(model), tokenizer, config_json)
         for name, text in (extra_files or {}).items():
@@ -194,10 +195,10 @@ def save_checkpoint(output_dir: str | Path, position: Position, model, optimizer
     try:
         for stage in (start, shards, small_files, lambda: _commit(tmp, final, root, position.step)):
             # rank 0 alone makes the directory and writes the small files; every rank writes its shards
-            faults.agreed(stage if main or stage is shards else lambda: None, what, tmp, needed)
+            storage.agreed(stage if main or stage is shards else lambda: None, what, tmp, needed)
     except StorageError:
         if main:
-            faults.remove(tmp)
+            storage.remove(tmp)
         raise
     return final
 
@@ -473,3 +474,8 @@ def supersede_newer(root: Path, step: int, say=print) -> None:
         shutil.rmtree(aside / path.name, ignore_errors=True)
         os.rename(path, aside / path.name)
     say(f"resume: moved {len(newer)} newer checkpoint(s) to {aside} (kept, not deleted)")
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    complete = [path for _, path in step_dirs(checkpoint_root(output_dir)) if (path / MANIFEST).is_file()]
+    return complete[-1] if complete else None

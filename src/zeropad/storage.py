@@ -154,35 +154,3 @@ def on_any_rank(message: str | None) -> str | None:
     messages: list[str | None] = [None] * distributed.world_size()
     torch.distributed.all_gather_object(messages, message)
     return next((m for m in messages if m is not None), None)
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    from zeropad.train.state import MANIFEST, checkpoint_root, step_dirs
-
-    complete = [path for _, path in step_dirs(checkpoint_root(output_dir)) if (path / MANIFEST).is_file()]
-    return complete[-1] if complete else None
-
-
-@contextmanager
-def named_storage_faults(output_dir: str | Path):
-    """Around a whole run: a StorageError gains the last complete checkpoint, which `resume=auto` continues
-    from; a storage OSError that no write named (ENOSPC, EROFS, EIO, EDQUOT) is named by its file."""
-    storage = {errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT}
-    try:
-        yield
-    except StorageError as err:
-        raise _with_checkpoint(str(err), output_dir) from None
-    except OSError as err:
-        if err.errno not in storage:
-            raise
-        where = err.filename or output_dir
-        raise _with_checkpoint(f"could not write {where}: {why(err, Path(where))}", output_dir) from None
-
-
-def _with_checkpoint(message: str, output_dir: str | Path) -> StorageError:
-    last = last_complete_checkpoint(output_dir)
-    if last is None:
-        return StorageError(f"{message}. No checkpoint was written yet: the run starts over once the fault is "
-                            "fixed", None)
-    return StorageError(f"{message}. The last complete checkpoint is {last}: once the fault is fixed, resume=auto "
-                        "continues from it", str(last))
