@@ -1,4 +1,4 @@
-"""The zeropad command line: train, plan, pack-stats, verify, export."""
+"""The zeropad command line: train, plan, pack-stats, verify, export, draw."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [key.sub=value ...]"),
     default: str = typer.Option("text", "--default", help="The built-in run when no CONFIG is given: text "
-                                "(a tiny LM learns 2-digit addition) or vlm (a tiny VLM learns to answer "
-                                "questions about generated images)."),
+                                "(a tiny LM learns 2-digit addition), vlm (a tiny VLM learns to answer "
+                                "questions about generated images) or draw (a tiny LM learns to draw digits)."),
 ) -> None:
     from zeropad.train.loop import train as run_training
 
@@ -42,8 +42,10 @@ def train(
         _default_text(overrides)
     elif default == "vlm":
         _default_vlm(overrides)
+    elif default == "draw":
+        _default_draw(overrides)
     else:
-        raise ZeropadError(f"--default {default!r}: choose text or vlm")
+        raise ZeropadError(f"--default {default!r}: choose text, vlm or draw")
 
 
 def _default_text(overrides: list[str]) -> None:
@@ -79,9 +81,44 @@ def _default_vlm(overrides: list[str]) -> None:
           f"(answering without the image: {chance:.1%})")
 
 
+def _default_draw(overrides: list[str]) -> None:
+    from zeropad.demo.draw_task import SPEC, default_config, draw_report
+    from zeropad.train.loop import train as run_training
+
+    chosen = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
+    output_dir = load_config(None, overrides).output_dir if chosen else "runs/zeropad-draw"
+    cfg = load_config(None, overrides, base=default_config(output_dir))
+    result = run_training(cfg)
+    SPEC.save(Path(cfg.output_dir) / "final")  # so `zeropad draw OUTPUT_DIR/final` knows the image shape
+    report = draw_report(result.model, result.tokenizer, Path(cfg.output_dir) / "demo_draw", cfg.output_dir)
+    _add_to_summary(cfg.output_dir, report)
+    print(f"generated digits recognised as the requested digit: {report['draw_recognised']:.1%} of "
+          f"{report['draw_samples']} (chance {report['draw_chance']:.0%}; the classifier on real digits it was "
+          f"not fitted on: {report['classifier_real_accuracy']:.1%}); "
+          f"samples: {Path(cfg.output_dir) / 'samples' / 'grid.png'}")
+
+
 def _add_to_summary(output_dir: str, values: dict) -> None:
     summary_path = Path(output_dir) / "summary.json"
     summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), **values}, indent=2))
+
+
+@app.command()
+def draw(
+    model_dir: Path = typer.Argument(..., help="A pixel-token image model, e.g. the draw default's OUTPUT_DIR/final."),
+    prompt: str = typer.Option(..., "--prompt", help='What to draw, e.g. "draw a 3".'),
+    num: int = typer.Option(10, "--num", help="How many images."),
+    out: Path = typer.Option(..., "--out", help="Directory for 0000.png, 0001.png, ... and the contact sheet "
+                             "grid.png."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (lower: more typical pictures)."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely pixel levels (default: all)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Sample images from a model that draws with pixel tokens; write them as PNG files and a contact sheet."""
+    from zeropad.images import generate_images
+
+    paths = generate_images(model_dir, prompt, num, out, temperature=temperature, top_k=top_k, seed=seed)
+    print(f"wrote {len(paths)} images and {out / 'grid.png'}")
 
 
 @app.command("pack-stats")
