@@ -35,7 +35,7 @@ IMAGE_START = "<|image_start|>"
 IMAGE_END = "<|image_end|>"
 SPEC_FILE = "image_tokens.json"
 SCALE = 8  # a pixel token becomes an 8x8 block in the PNGs
-GAP = 2  # pixels of white between contact-sheet cells
+GAP = 2  # pixels of grey between contact-sheet cells, so white backgrounds stay apart
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,11 @@ def sample_images(model, tokenizer, spec: ImageSpec, prompts: list[str], tempera
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 batch = torch.tensor([encoded[i] for i in chunk], device=device)
-                # temperature and top-k live in `processors`, after the pixel-only mask; generate's own are off
+                # Temperature and top-k live in `processors`, after the pixel-only mask (generate's own are off),
+                # and end of turn is never allowed, so every sample is exactly num_pixels tokens.
                 out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
-                                     max_new_tokens=spec.num_pixels, min_new_tokens=spec.num_pixels,
-                                     logits_processor=processors, temperature=1.0, top_k=0, top_p=1.0,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+                                     max_new_tokens=spec.num_pixels, logits_processor=processors, temperature=1.0,
+                                     top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
                 levels[chunk] = level_of[out[:, length:].cpu()]
     return levels.reshape(len(prompts), spec.height, spec.width).numpy()
 
@@ -171,10 +171,10 @@ def to_png(levels_HW: np.ndarray, spec: ImageSpec) -> Image.Image:
 
 
 def contact_sheet(rows: list[list[Image.Image]]) -> Image.Image:
-    """One row of pictures per list (all the same size), GAP pixels of white around each."""
+    """One row of pictures per list (all the same size), GAP pixels of grey around each."""
     cell_w, cell_h = rows[0][0].size
     columns = max(len(row) for row in rows)
-    sheet = Image.new("L", (columns * (cell_w + GAP) + GAP, len(rows) * (cell_h + GAP) + GAP), 255)
+    sheet = Image.new("L", (columns * (cell_w + GAP) + GAP, len(rows) * (cell_h + GAP) + GAP), 160)
     for r, row in enumerate(rows):
         for c, picture in enumerate(row):
             sheet.paste(picture, (GAP + c * (cell_w + GAP), GAP + r * (cell_h + GAP)))
