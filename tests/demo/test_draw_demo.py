@@ -75,7 +75,8 @@ def test_a_record_is_prompt_then_64_pixel_targets(tokenizer):
     assert record["messages"][0]["content"] == prompt(8) == "draw a 8"
     levels_back, digit = parse_record(record)
     assert digit == 8 and np.array_equal(levels_back, levels)
-    sample = tokenize_conversation(to_conversation(record, "messages", "draw.jsonl", 1), tokenizer, train_on_prompt=False)
+    conversation = to_conversation(record, "messages", "draw.jsonl", 1)
+    sample = tokenize_conversation(conversation, tokenizer, train_on_prompt=False)
     targets = tokenizer.convert_ids_to_tokens(sample.input_ids[sample.loss_mask].tolist())
     # the targets: the image markers around one token per pixel, then the end of turn
     assert targets == [IMAGE_START, *[f"<px{v}>" for v in levels.reshape(-1)], IMAGE_END, "<|im_end|>", "Ċ"]
