@@ -185,11 +185,11 @@ def generate_images(model_dir: str | Path, prompt: str, num: int, out_dir: str |
                     top_k: int | None = None, seed: int = 0, columns: int = 10) -> list[Path]:
     """Sample `num` images for `prompt` from a pixel-token image model directory; write OUT/0000.png, ... and
     the contact sheet OUT/grid.png (`columns` pictures a row). Returns the image paths (not the grid)."""
+    if num < 1:
+        raise ConfigError(f"the number of images must be at least 1, got {num}")
     spec = ImageSpec.load(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if num < 1:
-        raise ConfigError(f"the number of images must be at least 1, got {num}")
     levels = sample_images(model, tokenizer, spec, [prompt] * num, temperature, top_k, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
