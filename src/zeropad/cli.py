@@ -30,8 +30,9 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [key.sub=value ...]"),
     default: str = typer.Option("text", "--default", help="The built-in run when no CONFIG is given: text "
-                                "(a tiny LM learns 2-digit addition) or vlm (a tiny VLM learns to answer "
-                                "questions about generated images) or dpo (DPO teaches the tiny LM an answer format)."),
+                                "(a tiny LM learns 2-digit addition), vlm (a tiny VLM learns to answer questions "
+                                "about generated images), dpo (DPO teaches the tiny LM an answer format) or draw "
+                                "(a tiny LM learns to draw digits)."),
 ) -> None:
     from zeropad.train.loop import train as run_training
 
@@ -44,8 +45,10 @@ def train(
         _default_vlm(overrides)
     elif default == "dpo":
         _default_dpo(overrides)
+    elif default == "draw":
+        _default_draw(overrides)
     else:
-        raise ZeropadError(f"--default {default!r}: choose text, vlm or dpo")
+        raise ZeropadError(f"--default {default!r}: choose text, vlm, dpo or draw")
 
 
 def _default_text(overrides: list[str]) -> None:
@@ -93,6 +96,23 @@ def _default_vlm(overrides: list[str]) -> None:
     _add_to_summary(cfg.output_dir, {"heldout_answer_accuracy": score, "blind_baseline": chance})
     print(f"held-out answer accuracy: {score:.1%} on {len(heldout)} questions about unseen images "
           f"(answering without the image: {chance:.1%})")
+
+
+def _default_draw(overrides: list[str]) -> None:
+    from zeropad.demo.draw_task import SPEC, default_config, draw_report
+    from zeropad.train.loop import train as run_training
+
+    chosen = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
+    output_dir = load_config(None, overrides).output_dir if chosen else "runs/zeropad-draw"
+    cfg = load_config(None, overrides, base=default_config(output_dir))
+    result = run_training(cfg)
+    SPEC.save(Path(cfg.output_dir) / "final")  # so `zeropad generate OUTPUT_DIR/final --prompt ...` knows the image shape
+    report = draw_report(result.model, result.tokenizer, Path(cfg.output_dir) / "demo_draw", cfg.output_dir)
+    _add_to_summary(cfg.output_dir, report)
+    print(f"generated digits recognised as the requested digit: {report['draw_recognised']:.1%} of "
+          f"{report['draw_samples']} (chance {report['draw_chance']:.0%}; the classifier on real digits it was "
+          f"not fitted on: {report['classifier_real_accuracy']:.1%}); "
+          f"samples: {Path(cfg.output_dir) / 'samples' / 'grid.png'}")
 
 
 def _add_to_summary(output_dir: str, values: dict) -> None:
@@ -255,12 +275,18 @@ def chat(
 @app.command()
 def generate(
     model_dir: Path = typer.Argument(..., help=_MODEL_DIR_HELP),
-    prompts: Path = typer.Option(..., help="JSON/JSONL of {\"prompt\": ...} or training-format records (a final "
-                                 "assistant turn is the reference, not the prompt); images/videos as in training."),
-    out: Path = typer.Option(..., help="JSONL written: each record with its \"response\"."),
-    max_new_tokens: int = typer.Option(256, min=1),
-    temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; above 0: sampling."),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    prompts: Path = typer.Option(None, help="Text: JSON/JSONL of {\"prompt\": ...} or training-format records (a "
+                                 "final assistant turn is the reference, not the prompt); images/videos as in training."),
+    prompt: str = typer.Option(None, help='Images: what a pixel-token model (the draw default\'s final/) draws, '
+                               'e.g. "draw a 3"; --num PNG files and a contact sheet grid.png go to --out.'),
+    out: Path = typer.Option(..., help="Text: the JSONL written, each record with its \"response\". Images: a "
+                             "directory."),
+    num: int = typer.Option(10, min=1, help="Images: how many."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Text: the longest reply."),
+    temperature: float = typer.Option(None, min=0.0, help="0: greedy; above 0: sampling. Default 0 for text, 1 for "
+                                      "images."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Text: nucleus sampling."),
+    top_k: int = typer.Option(None, "--top-k", help="Images: sample among the k most likely pixel levels."),
     seed: int = typer.Option(0, help="Sampling seed."),
     batch_size: int = typer.Option(32, min=1, help="Prompts of equal length generated together (no padding)."),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
@@ -268,16 +294,25 @@ def generate(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     chat_template_kwargs: str = typer.Option(None, help=_TEMPLATE_KWARGS_HELP),
 ) -> None:
-    """Generate a reply to every prompt of a file with the chat template applied; where records carry a reference
-    reply, print how many replies match it exactly."""
+    """Generate a reply to every prompt of a file (--prompts) with the chat template applied, and where records
+    carry a reference reply, print how many replies match it exactly; or draw images (--prompt)."""
     import torch
 
+    if (prompts is None) == (prompt is None):
+        raise ZeropadError("generate: give --prompts FILE (text replies) or --prompt TEXT (images), not both")
+    if prompt is not None:
+        from zeropad.images import generate_images
+
+        temperature = 1.0 if temperature is None else temperature
+        paths = generate_images(model_dir, prompt, num, out, temperature=temperature, top_k=top_k, seed=seed)
+        print(f"wrote {len(paths)} images and {out / 'grid.png'}")
+        return
     from zeropad.generate import Settings, generate_file, load_chatter
 
     torch.manual_seed(seed)
     chatter = load_chatter(model_dir, device, dtype, _json_object("--chat-template-kwargs", chat_template_kwargs))
-    matches, total = generate_file(chatter, prompts, out, Settings(max_new_tokens, temperature, top_p), batch_size,
-                                   progress)
+    settings = Settings(max_new_tokens, temperature or 0.0, top_p)
+    matches, total = generate_file(chatter, prompts, out, settings, batch_size, progress)
     print(f"wrote {out}")
     if total:
         print(f"matches the reference reply: {matches / total:.1%} ({matches}/{total})")

@@ -33,25 +33,28 @@ CHAT_TEMPLATE = (
 )
 
 
-def _byte_level_tokenizer(vision: bool) -> Tokenizer:
+def _byte_level_tokenizer(vision: bool, extra_tokens: tuple[str, ...]) -> Tokenizer:
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: ord(ch))
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     # use_regex=False: no word splitting is needed when nothing merges.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    # Added tokens take the next ids in order: 256.. for the text ones, then the vision ones.
-    tok.add_special_tokens(list(SPECIAL_TOKENS + VISION_TOKENS) if vision else list(SPECIAL_TOKENS))
+    # Added tokens take the next ids in order: 256.. for the text ones, then the vision ones, then the extra ones.
+    tok.add_special_tokens(list(SPECIAL_TOKENS + (VISION_TOKENS if vision else ()) + tuple(extra_tokens)))
     return tok
 
 
-def build_tokenizer(out_dir: str | Path, vision: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    out_dir: str | Path, vision: bool = False, extra_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
     """Build the demo tokenizer, save it to `out_dir` (AutoTokenizer loads it) and return it.
 
     vision: also add <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|> (ids 259..262).
+    extra_tokens: special tokens added last, one id each (the drawing demo's pixel tokens and image markers).
     """
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_byte_level_tokenizer(vision),
+        tokenizer_object=_byte_level_tokenizer(vision, extra_tokens),
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
         model_max_length=4096,
