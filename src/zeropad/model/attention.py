@@ -118,15 +118,15 @@ def _(q, k, v, cu_seqlens, scale, sliding_window):
 def _sdpa_per_doc_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens: torch.Tensor, scale: float, sliding_window: int | None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.enable_grad():
-        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = sdpa_per_doc_op(*inputs, cu_seqlens, scale, sliding_window)
-        return torch.autograd.grad(out, inputs, grad)
+    feats = _Features(scaling=scale, sliding_window=sliding_window, softcap=None, sinks=None, dropout=0.0)
+    bounds = cu_seqlens.tolist()
+    _, vjp = torch.func.vjp(lambda *qkv: _sdpa_per_doc(*qkv, bounds, feats), q, k, v)
+    return tuple(g.contiguous() for g in vjp(grad))  # the strides the fake below promises
 
 
 @_sdpa_per_doc_backward.register_fake
 def _(grad, q, k, v, cu_seqlens, scale, sliding_window):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(x.new_empty(x.shape) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
