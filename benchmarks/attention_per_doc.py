@@ -1,5 +1,5 @@
-"""Per-document SDPA on CPU, one attention layer's forward + backward: documents cut by one torch.split (now)
-against one slice per document (before), measured in the same run.
+"""Per-document SDPA on CPU, one attention layer's forward + backward: documents cut by one torch.split, runs of
+equal-length documents batched (now), against one slice and one SDPA call per document (before), in the same run.
 
     python benchmarks/attention_per_doc.py             # ~1 minute on a busy two-core machine
     python benchmarks/attention_per_doc.py --reps 30   # steadier medians
@@ -7,8 +7,8 @@ against one slice per document (before), measured in the same run.
 Shapes are those of benchmarks/throughput.py's model (8 query heads, 4 KV heads, head_dim 64, fp32) on packs of
 2048 tokens: Alpaca-like documents (lengths drawn around the real data's mean of 195), and many short ones
 (where the per-document overhead shows). In backward, each slice scatters its gradient into a zero tensor of
-the whole pack (n documents: O(n T) memory traffic), where a split's backward is one concatenation. Both give
-the same numbers (checked before timing).
+the whole pack (n documents: O(n T) memory traffic), where a split's backward is one concatenation; the short
+documents, all of one length, are one batched SDPA call. Both give the same gradients, bit for bit (checked).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ def test_compiled_training_equals_eager(tiny_run, monkeypatch):
         runs[compiled] = Path(cfg["output_dir"])
     eager, compiled = (step_records(runs[c]) for c in (False, True))
     assert len({r["tokens"] for r in eager}) > 1, "the packs should differ in length"
+    assert all(r["data_s"] > 0 for r in eager + compiled)  # the wait for each step's packs, logged
     for a, b in zip(eager, compiled, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a, b)

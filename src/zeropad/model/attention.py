@@ -79,22 +79,38 @@ def _window_mask(n: int, sliding_window: int | None, device) -> torch.Tensor:
     return mask & (dist < sliding_window) if sliding_window is not None else mask
 
 
+def _runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """(count, length) of each run of consecutive documents of one length."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][1] == n:
+            runs[-1] = (runs[-1][0] + 1, n)
+        else:
+            runs.append((1, n))
+    return runs
+
+
 def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -> torch.Tensor:
     """Causal SDPA on each document's slice: exact, and never builds a [T, T] mask.
 
     The documents are cut with one torch.split per tensor, not a slice each: in backward a split is
     one concatenation, where n slices would each scatter into a zero tensor of the whole pack (O(n T)).
+    A run of consecutive documents of one length (fixed-length pretraining chunks) is one batched call:
+    its [1, H, count * L, D] slice viewed as [count, H, L, D], no copy.
     Slices stay 4-D: on CPU, SDPA takes its fused flash kernel only for 4-D inputs (3-D ones
     fall back to the generic math path, ~3x slower in forward + backward)."""
     gqa = q_BHTD.shape[1] != k_BHTD.shape[1]
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    runs = _runs([end - start for start, end in zip(bounds[:-1], bounds[1:])])
     outs = []
-    for q, k, v in zip(*(x.split(lengths, dim=2) for x in (q_BHTD, k_BHTD, v_BHTD))):
-        n = q.shape[2]
+    for (count, n), q, k, v in zip(runs, *(x.split([c * n for c, n in runs], dim=2)
+                                           for x in (q_BHTD, k_BHTD, v_BHTD))):
+        if count > 1:  # [1, H, count * n, D] -> [count, H, n, D]
+            q, k, v = (x.unflatten(2, (count, n)).transpose(1, 2).flatten(0, 1) for x in (q, k, v))
         window = feats.sliding_window if feats.sliding_window is not None and feats.sliding_window < n else None
         mask = None if window is None else _window_mask(n, window, q.device)
-        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                   dropout_p=feats.dropout, scale=feats.scaling, enable_gqa=gqa))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             dropout_p=feats.dropout, scale=feats.scaling, enable_gqa=gqa)
+        outs.append(out if count == 1 else out.unflatten(0, (1, count)).transpose(1, 2).flatten(2, 3))
     return torch.cat(outs, dim=2)
 
 
