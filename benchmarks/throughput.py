@@ -17,6 +17,8 @@ tokenizer (8k vocab) trained here on those records, so nothing is downloaded. Me
                    --max-tokens 4096 is ~25% slower per token here), collate,
                    attn_implementation="zeropad_varlen",
                    zeropad.train.loop.train_step. No pad token enters the model.
+  zeropad-compiled the same with train.compile (each decoder layer through torch.compile, inductor; only
+                   when named in --methods: the compile takes minutes on a CPU, in the warm-up steps).
   padded           what the Hugging Face Trainer does by default: batches of --batch-size samples
                    in a seeded random order, right-padded to the longest in the batch, with an
                    attention_mask, labels -100 on pad and prompt, attn_implementation="sdpa"
@@ -58,6 +60,7 @@ import zeropad.model.attention  # noqa: F401  (registers attn_implementation="ze
 from zeropad.config import DataConfig, SourceConfig, TrainConfig
 from zeropad.data.chat import ensure_chat_template
 from zeropad.data.dataset import load_samples
+from zeropad.model.compile import compile_layers
 from zeropad.pack.collate import collate
 from zeropad.pack.planner import plan_packs, shuffle_packs
 from zeropad.train.loop import StepSetup, train_step
@@ -79,7 +82,7 @@ MODEL_CONFIG = dict(
 )
 
 
-METHODS = ("zeropad", "padded", "trl-padded", "trl-packed")
+METHODS = ("zeropad", "zeropad-compiled", "padded", "trl-padded", "trl-packed")
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Result:
     computed_tokens: int = 0
     seconds: float = 0.0
     note: str = ""
+    data_seconds: list[float] = field(default_factory=list)  # per timed step: waiting for the batch (zeropad)
     step_seconds: list[float] = field(default_factory=list)
 
     @property
@@ -218,18 +222,23 @@ def _cycle(items):
 
 
 class ZeropadStepper(Stepper):
-    def __init__(self, samples, state_dict, args):
-        super().__init__("zeropad", args)
+    def __init__(self, samples, state_dict, args, compiled: bool = False):
+        super().__init__("zeropad-compiled" if compiled else "zeropad", args)
         self.samples = samples
         plan = shuffle_packs(plan_packs([len(s) for s in samples], args.max_tokens), SEED)
         self.model = build_model("zeropad_varlen", state_dict)
+        if compiled:  # train.compile: each decoder layer (inductor); the compile falls in the warm-up steps
+            compile_layers(self.model)
         self.optimizer, self.scheduler = build_optimizer(self.model, len(plan))
         self.packs = _cycle(plan)
         self.meter.result.note = f"packs of <= {args.max_tokens} real tokens (BFD, {len(plan)} packs/epoch), " \
-                                 "zeropad_varlen (per-document SDPA on CPU)"
+                                 "zeropad_varlen (per-document SDPA on CPU)" + (", train.compile" if compiled else "")
 
     def train_one(self) -> tuple[int, int]:
+        t0 = time.perf_counter()
         pack = collate([self.samples[i] for i in next(self.packs)])
+        if not self.meter.warming_up:
+            self.meter.result.data_seconds.append(time.perf_counter() - t0)
         train_step(StepSetup(self.model, self.optimizer, self.scheduler, grad_clip=GRAD_CLIP), [pack])
         return pack.num_tokens, pack.num_tokens
 
@@ -379,6 +388,10 @@ def table(results: list[Result]) -> str:
                    f"{zp.median_tokens_per_s / best_median.median_tokens_per_s:.2f}x by median step  (target >= 1.2x)")
     for r in results:
         out.append(f"{r.method}: {r.note}")
+        if r.ok and r.data_seconds:
+            share = statistics.median(d / t for d, t in zip(r.data_seconds, r.step_seconds))
+            out.append(f"  data (next pack + collate): median {statistics.median(r.data_seconds) * 1e3:.1f} ms, "
+                       f"{100 * share:.3g}% of step time")
     out.append("seconds per timed step (a shared machine shows here as uneven steps):")
     for r in results:
         if r.ok:
@@ -395,7 +408,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="samples per padded batch")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL runs")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "zeropad-compiled"),
+                        help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -440,6 +454,8 @@ def main() -> None:
         own: list[Stepper] = []
         if "zeropad" in methods:
             own.append(ZeropadStepper(samples, state_dict, args))
+        if "zeropad-compiled" in methods:
+            own.append(ZeropadStepper(samples, state_dict, args, compiled=True))
         if "padded" in methods:
             own.append(PaddedStepper(samples, state_dict, tokenizer.pad_token_id, args))
         for stepper in own:

@@ -109,6 +109,8 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo/simpo: probability that a pair's preference "
                                    "is flipped (conservative DPO).")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes; packed attention "
+                          "runs as one custom op). The compile counts go to summary.json.")
     router_aux_loss_coef: float | None = Field(
         None, ge=0, description="MoE load-balancing loss coefficient (null: the model config's "
         "router_aux_loss_coef; 0: off). Averaged over the step's tokens like the token loss.",

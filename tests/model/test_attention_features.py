@@ -128,3 +128,23 @@ def test_stateful_and_mask_only_families_are_refused_at_start_up(model_type, ove
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "gemma3_text", "gpt_oss", "deepseek_v3"])
 def test_supported_families_are_packable(model_type):
     assert check_packable(tiny_config(model_type)) is None
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_runs_of_equal_length_documents_batch_exactly(window):
+    """Runs of equal-length documents go to SDPA as one batch; forward and gradients equal the scores written out
+    per document (another code path), windows included."""
+    from zeropad.model.attention import _explicit_per_doc, _Features, _sdpa_per_doc
+
+    feats = _Features(scaling=0.25, sliding_window=window, softcap=None, sinks=None, dropout=0.0)
+    bounds = [0, 5, 10, 15, 24, 27, 30]  # runs: 3 x 5, 1 x 9, 2 x 3
+    torch.manual_seed(0)
+    q = torch.randn(1, 30, 4, 16).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(1, 30, 2, 16).transpose(1, 2).requires_grad_() for _ in range(2))
+    grad_out = torch.randn(1, 4, 30, 16)
+    results = []
+    for per_doc in (_sdpa_per_doc, _explicit_per_doc):
+        out = per_doc(q, k, v, bounds, feats)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for got, want in zip(*results):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -79,20 +79,90 @@ def _window_mask(n: int, sliding_window: int | None, device) -> torch.Tensor:
     return mask & (dist < sliding_window) if sliding_window is not None else mask
 
 
+def _runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """(count, length) of each run of consecutive documents of one length."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][1] == n:
+            runs[-1] = (runs[-1][0] + 1, n)
+        else:
+            runs.append((1, n))
+    return runs
+
+
 def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -> torch.Tensor:
     """Causal SDPA on each document's slice: exact, and never builds a [T, T] mask.
 
+    The documents are cut with one torch.split per tensor, not a slice each: in backward a split is
+    one concatenation, where n slices would each scatter into a zero tensor of the whole pack (O(n T)).
+    A run of consecutive documents of one length (fixed-length pretraining chunks) is one batched call:
+    its [1, H, count * L, D] slice viewed as [count, H, L, D], no copy.
     Slices stay 4-D: on CPU, SDPA takes its fused flash kernel only for 4-D inputs (3-D ones
     fall back to the generic math path, ~3x slower in forward + backward)."""
     gqa = q_BHTD.shape[1] != k_BHTD.shape[1]
+    runs = _runs([end - start for start, end in zip(bounds[:-1], bounds[1:])])
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = (x[:, :, start:end] for x in (q_BHTD, k_BHTD, v_BHTD))
-        window = feats.sliding_window if feats.sliding_window is not None and feats.sliding_window < end - start else None
-        mask = None if window is None else _window_mask(end - start, window, q.device)
-        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                   dropout_p=feats.dropout, scale=feats.scaling, enable_gqa=gqa))
+    for (count, n), q, k, v in zip(runs, *(x.split([c * n for c, n in runs], dim=2)
+                                           for x in (q_BHTD, k_BHTD, v_BHTD))):
+        if count > 1:  # [1, H, count * n, D] -> [count, H, n, D]
+            q, k, v = (x.unflatten(2, (count, n)).transpose(1, 2).flatten(0, 1) for x in (q, k, v))
+        window = feats.sliding_window if feats.sliding_window is not None and feats.sliding_window < n else None
+        mask = None if window is None else _window_mask(n, window, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             dropout_p=feats.dropout, scale=feats.scaling, enable_gqa=gqa)
+        outs.append(out if count == 1 else out.unflatten(0, (1, count)).transpose(1, 2).flatten(2, 3))
     return torch.cat(outs, dim=2)
+
+
+# Under torch.compile (train.compile) the per-document loop runs as one custom op: dynamo sees neither the
+# host-side boundaries (a .tolist() would break the graph, and a loop over them would recompile per pack)
+# nor the loop. The backward recomputes each document's attention (the same kernels on the same inputs, so
+# the gradients equal eager's) instead of keeping per-document autograd state across the op boundary.
+@torch.library.custom_op("zeropad::sdpa_per_doc", mutates_args=())
+def sdpa_per_doc_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                    sliding_window: int | None) -> torch.Tensor:
+    feats = _Features(scaling=scale, sliding_window=sliding_window, softcap=None, sinks=None, dropout=0.0)
+    return _sdpa_per_doc(q, k, v, cu_seqlens.tolist(), feats)
+
+
+@sdpa_per_doc_op.register_fake
+def _(q, k, v, cu_seqlens, scale, sliding_window):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("zeropad::sdpa_per_doc_backward", mutates_args=())
+def _sdpa_per_doc_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens: torch.Tensor, scale: float, sliding_window: int | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    feats = _Features(scaling=scale, sliding_window=sliding_window, softcap=None, sinks=None, dropout=0.0)
+    bounds = cu_seqlens.tolist()
+    _, vjp = torch.func.vjp(lambda *qkv: _sdpa_per_doc(*qkv, bounds, feats), q, k, v)
+    return tuple(g.contiguous() for g in vjp(grad))  # the strides the fake below promises
+
+
+@_sdpa_per_doc_backward.register_fake
+def _(grad, q, k, v, cu_seqlens, scale, sliding_window):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.scale, ctx.sliding_window = inputs[4:]
+
+
+def _backward(ctx, grad):
+    dq, dk, dv = _sdpa_per_doc_backward(grad, *ctx.saved_tensors, ctx.scale, ctx.sliding_window)
+    return dq, dk, dv, None, None, None
+
+
+sdpa_per_doc_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# What runs per document without the op under torch.compile (dropout's mask, softcap, sinks): eagerly, as one
+# graph break, rather than traced and specialised on each pack's boundaries.
+@torch.compiler.disable
+def _per_doc_eager(per_doc, q_BHTD, k_BHTD, v_BHTD, cu_seqlens: torch.Tensor, feats: _Features) -> torch.Tensor:
+    return per_doc(q_BHTD, k_BHTD, v_BHTD, cu_seqlens.tolist(), feats)
 
 
 def _explicit_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -> torch.Tensor:
@@ -102,15 +172,16 @@ def _explicit_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Feature
     k_BHTD, v_BHTD = (x.repeat_interleave(groups, dim=1) for x in (k_BHTD, v_BHTD))
     # fp16/bf16 scores are normalised in fp32, as every kernel does
     score_dtype = torch.promote_types(q_BHTD.dtype, torch.float32)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = (x[:, :, start:end] for x in (q_BHTD, k_BHTD, v_BHTD))
+    for q, k, v in zip(*(x.split(lengths, dim=2) for x in (q_BHTD, k_BHTD, v_BHTD))):  # one split: see above
+        n = q.shape[2]
         scores = torch.matmul(q, k.transpose(2, 3)).to(score_dtype) * feats.scaling
         if feats.softcap is not None:
             scores = torch.tanh(scores / feats.softcap) * feats.softcap
-        scores = scores.masked_fill(~_window_mask(end - start, feats.sliding_window, q.device), float("-inf"))
+        scores = scores.masked_fill(~_window_mask(n, feats.sliding_window, q.device), float("-inf"))
         if feats.sinks is not None:
-            sink = feats.sinks.to(score_dtype).reshape(1, -1, 1, 1).expand(1, -1, end - start, 1)
+            sink = feats.sinks.to(score_dtype).reshape(1, -1, 1, 1).expand(1, -1, n, 1)
             probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1)
@@ -219,8 +290,11 @@ def varlen_attention_forward(
         query, key, value = (x.to(dtype) for x in (query, key, value))
     backend = _backend(query, feats)
     if backend in ("sdpa_per_doc", "explicit_per_doc"):
-        per_doc = _sdpa_per_doc if backend == "sdpa_per_doc" else _explicit_per_doc
-        out_BHTD = per_doc(query, key, value, cu_seq_lens_q.tolist(), feats)
+        if backend == "sdpa_per_doc" and feats.dropout == 0.0 and torch.compiler.is_compiling():
+            out_BHTD = sdpa_per_doc_op(query, key, value, cu_seq_lens_q, feats.scaling, feats.sliding_window)
+        else:
+            per_doc = _sdpa_per_doc if backend == "sdpa_per_doc" else _explicit_per_doc
+            out_BHTD = _per_doc_eager(per_doc, query, key, value, cu_seq_lens_q, feats)
         return out_BHTD.transpose(1, 2), None
 
     q_THD, k_THD, v_THD = (x[0].transpose(0, 1) for x in (query, key, value))

@@ -23,6 +23,7 @@ from zeropad.model.load import build_model, build_model_config, check_vocab, loa
 from zeropad.pack.collate import Pack, collate
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
 from zeropad.model.checkpointing import activation_context, apply_checkpointing
+from zeropad.model.compile import compile_layers, compile_stats
 from zeropad.model.attention import ATTN_NAME
 from zeropad.model.hf_writer import save_hf_model
 from zeropad.model.lora import apply_lora
@@ -32,7 +33,7 @@ from zeropad.parallel import distributed, ulysses
 from zeropad.plan.fit import resolve_checkpointing
 from zeropad.parallel.materialize import materialize, weight_slots
 from zeropad.parallel.sharding import VisionCalls, check_parallel, gradient_sync, loss_scale, parallelize, unwrap
-from zeropad.train.loss import chunked_loss_unsupported, lm_loss_sum
+from zeropad.train.loss import lm_loss_sum, loss_chunking
 from zeropad import storage
 from zeropad.train import preflight
 from zeropad.train.fingerprint import run_fingerprint
@@ -274,7 +275,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     flops = FlopCounter(model)
     num_params = sum(p.numel() for p in model.parameters())
     num_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    loss_chunk_tokens, chunked_off = _loss_chunking(cfg, model)
+    loss_chunk_tokens, chunked_off = loss_chunking(cfg.memory, model)
     model = parallelize(model, cfg.parallel, cfg.train.dtype, device)  # the last change to the model
     if slots is not None:  # built on meta and sharded there: each rank now reads or draws its shards alone
         materialize(model, slots, cfg.model, seed=cfg.train.seed, device=device, parallel=cfg.parallel)
@@ -316,6 +317,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         with memory.step(step, [p.num_tokens for p in step_data.packs]):  # OOM: named, last good state saved
             storage.inject("step", step)
             packs = [p.to(device) for p in step_data.packs]
+            data_s = time.perf_counter() - t0  # waiting for this step's packs: planning, collation, device copy
             # before backward; the loss is a mean over target tokens, or over pairs for a preference objective
             num_targets = int(distributed.all_reduce_sum(sum(p.num_pairs or p.num_targets for p in packs), device))
             result = train_step(setup, packs, num_targets, step_data.num_tokens)
@@ -329,7 +331,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
             "target_tokens" if objective is None else "pairs": num_targets, "tokens_per_s": tokens / seconds,
             "pad_fraction": 0.0,  # no pad token ever enters the model
             "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * (world // cfg.parallel.sp_size)),
-            "epoch": loader.epoch,
+            "epoch": loader.epoch, "data_s": data_s,
         }
         if objective is not None:
             record.update(objective.metrics(device))
@@ -390,16 +392,10 @@ def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
     apply_checkpointing(model, resolve_checkpointing(cfg, model))
+    if cfg.train.compile:  # after checkpointing (each layer compiles with its checkpoint), before DDP/FSDP
+        compile_layers(model)
     model.train()
     return base_model, model, groups, slots
-
-
-def _loss_chunking(cfg: Config, model) -> tuple[int | None, str | None]:
-    """(memory.loss_chunk_tokens or None, why chunking is off although asked for, or None)."""
-    if not cfg.memory.chunked_loss:
-        return None, None
-    reason = chunked_loss_unsupported(model)
-    return (None, reason) if reason else (cfg.memory.loss_chunk_tokens, None)
 
 
 def _save_final(cfg: Config, model, tokenizer, processor, logger: MetricsLogger, guard: RunGuard,
@@ -424,7 +420,7 @@ def _save_final(cfg: Config, model, tokenizer, processor, logger: MetricsLogger,
         plot_losses(logger.path, output_dir / "loss.png")
     summary = {"steps": cfg.train.steps, "final_loss": loss, "eval_loss": eval_loss, "data": report.summary(),
                "data_counts": report.counts(), "bad_steps": guard.position.bad_steps,
-               "world_size": distributed.world_size()}
+               "world_size": distributed.world_size(), **({"compile": compile_stats()} if cfg.train.compile else {})}
     with storage.writing("summary.json", output_dir, partial=output_dir / "summary.json"):
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     eval_text = f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
+from zeropad.config import MemoryConfig
 from zeropad.pack.collate import IGNORE_INDEX
 from zeropad.parallel.sharding import unwrap
 
@@ -203,3 +204,11 @@ def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.
     if fsdp and not torch.is_grad_enabled():
         model.reshard()  # no backward follows to reshard the root (FSDP's post-backward does in training)
     return loss
+
+
+def loss_chunking(memory: MemoryConfig, model: torch.nn.Module) -> tuple[int | None, str | None]:
+    """(memory.loss_chunk_tokens or None, why chunking is off although asked for, or None)."""
+    if not memory.chunked_loss:
+        return None, None
+    reason = chunked_loss_unsupported(model)
+    return (None, reason) if reason else (memory.loss_chunk_tokens, None)
