@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from zeropad.demo.task import MODEL_CONFIG as ADDITION_MODEL_CONFIG
 from zeropad.demo.tokenizer import build_tokenizer
 from zeropad.images import ImageSpec, contact_sheet, sample_images, to_png
 
@@ -36,18 +37,8 @@ HELDOUT_FILE = "heldout.jsonl"
 SAMPLES_PER_DIGIT = 50  # generated images per digit for the score; the grid shows the first GRID_COLUMNS
 GRID_COLUMNS = 10
 
-# About 0.8M parameters, as the text default; documents are 95 tokens (27 prompt, 68 targets).
-MODEL_CONFIG: dict[str, Any] = {
-    "model_type": "qwen3",
-    "hidden_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "intermediate_size": 384,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": True,
-}
+# The text default's model (about 0.8M parameters); documents are 95 tokens (27 prompt, 68 targets).
+MODEL_CONFIG: dict[str, Any] = {**ADDITION_MODEL_CONFIG, "max_position_embeddings": 128}
 
 
 def prompt(digit: int) -> str:
