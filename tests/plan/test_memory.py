@@ -94,8 +94,10 @@ def _measured_and_predicted(overrides: dict, policy: str, tokens: int, chunk: in
     setup = Setup(precision=precision, checkpointing=policy, backend="cpu", chunked_loss=chunk is not None,
                   loss_chunk_tokens=chunk or 1)
     rows = {r.name: r.device for r in activations(arch_of(model), setup, tokens)}
-    # autocast's bf16 weight copies are saved tensors too (with no wrapped module, all of them are)
-    predicted = rows[f"activations ({policy})"] + rows.get("autocast bf16 weight copies", 0)
+    # autocast's bf16 weight copies are saved tensors too (with no wrapped module, all of them are), and so is
+    # the head's gradient the chunked loss computes in its forward
+    predicted = (rows[f"activations ({policy})"] + rows.get("autocast bf16 weight copies", 0)
+                 + rows.get("LM-head gradient (chunked loss)", 0))  # saved for backward, as the activations
     return measured, predicted
 
 

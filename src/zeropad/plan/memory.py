@@ -243,7 +243,7 @@ def activations(a: Arch, setup: Setup, tokens: int) -> list[Component]:
     outside = 16 + 2 * a.head_dim * p.residual + _rmsnorm(a.hidden, 1, p.residual)
     fp32_logits = 4 * a.vocab
     if setup.chunked_loss:
-        outside += a.hidden * max(p.param, p.residual) + 4  # the chunked loss keeps hidden states and lse
+        outside += a.hidden * max(p.param, p.residual)  # the chunked loss keeps the hidden state's gradient
     else:
         # lm_head saves its input (autocast: its bf16 copy); log_softmax saves its fp32 output.
         outside += a.hidden * (p.compute if p.autocast else max(p.param, p.residual)) + fp32_logits
@@ -262,6 +262,8 @@ def activations(a: Arch, setup: Setup, tokens: int) -> list[Component]:
         chunk = min(T, setup.loss_chunk_tokens)
         # A chunk's logits and the log-sum-exp temporary (forward), or its gradient (backward).
         rows.append(Component("loss buffers (chunked)", 2.0 * chunk * fp32_logits, note=f"2 x {chunk} x V fp32"))
+        # The chunked loss computes the head's gradient in its forward and holds it, fp32, until its backward.
+        rows.append(Component("LM-head gradient (chunked loss)", 4.0 * a.num_head_params, note="fp32, forward to backward"))
     else:
         # Backward of the loss holds the log-softmax gradient and the logits' gradient.
         rows.append(Component("loss buffers (plain)", 2.0 * T * fp32_logits, note="2 x T x V fp32"))

@@ -6,8 +6,8 @@ gradients then gives exactly the gradient of the token mean over the step, howev
 were grouped into packs.
 
 The chunked loss never builds the [T, V] logits: the LM head and the cross-entropy run on chunks
-of C tokens, and backward recomputes each chunk's logits. The loss buffers then peak at about one
-[C, V] fp32 chunk plus the weight gradient, instead of three [T, V] fp32 tensors (at V = 151,936
+of C tokens, and each chunk's gradients are computed while its logits are at hand. The loss buffers
+then peak at about one [C, V] fp32 chunk plus the weight gradient, instead of three [T, V] fp32 tensors (at V = 151,936
 and T = 16k, 10 GB each; benchmarks/memory.py). Suffixes: T tokens, H hidden, V vocabulary, C chunk.
 
 The chunked loss runs the model as the loop holds it, DDP or FSDP2 wrapper included, so the
@@ -76,18 +76,27 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Matches `token_loss_sum(lm_head(hidden), targets)`: logits in the compute dtype (the autocast
     dtype when autocast is on, else the inputs'), softmax and loss in fp32, logit gradients cast
-    back to the compute dtype before the two matmuls of backward, as autograd does in the plain path.
-    Forward keeps only the per-token log-sum-exp ([T] fp32); backward recomputes each chunk's logits.
+    back to the compute dtype before the two matmuls of the gradient, as autograd does in the plain path.
+
+    The loss is a sum whose backward multiplies by one scalar, so the gradients are computed in the
+    forward, chunk by chunk while each chunk's logits are at hand (as Liger's fused linear cross-entropy
+    does): three matmuls per chunk, as the plain loss, instead of recomputing the logits in backward.
+    The forward then keeps the hidden state's gradient ([T, H]) and the head's ([V, H] fp32) for the
+    backward, which only scales them; without gradients wanted (evaluation) it computes the loss alone.
     """
 
     @staticmethod
-    def forward(ctx, hidden_TH, weight_VH, bias_V, target_ids_T, chunk_tokens: int):
+    def forward(ctx, hidden_TH, weight_VH, bias_V, target_ids_T, chunk_tokens: int, want_grads: bool):
         dtype = _compute_dtype(hidden_TH.device, hidden_TH.dtype)
+        want_hidden, want_weight, want_bias = (want_grads and w for w in ctx.needs_input_grad[:3])
         with torch.autocast(hidden_TH.device.type, enabled=False):
             h_TH, w_VH = hidden_TH.to(dtype), weight_VH.to(dtype)
             b_V = None if bias_V is None else bias_V.to(dtype)
-            lse_T = hidden_TH.new_empty(hidden_TH.shape[0], dtype=torch.float32)
             loss = hidden_TH.new_zeros((), dtype=torch.float32)
+            grad_hidden_TH = torch.empty_like(hidden_TH) if want_hidden else None
+            # fp32 accumulators: the chunks' weight (and bias) gradients are summed across chunks
+            grad_weight_VH = torch.zeros_like(weight_VH, dtype=torch.float32) if want_weight else None
+            grad_bias_V = torch.zeros_like(bias_V, dtype=torch.float32) if want_bias else None
             for start in range(0, h_TH.shape[0], chunk_tokens):
                 end = start + chunk_tokens
                 logits_CV = _chunk_logits(h_TH[start:end], w_VH, b_V)
@@ -95,45 +104,36 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 target_logit_C = logits_CV.gather(1, column_C1)[:, 0]
                 # logsumexp = max + log(sum(exp(logits - max))), in place: one [C, V] buffer, not three
                 max_C = logits_CV.amax(dim=-1)
-                lse_C = lse_T[start:end] = logits_CV.sub_(max_C[:, None]).exp_().sum(-1).log_().add_(max_C)
+                exp_CV = logits_CV.sub_(max_C[:, None]).exp_()
+                sum_C = exp_CV.sum(-1)
                 # CE_t = logsumexp(logits_t) - logits_t[target_t]
-                loss += ((lse_C - target_logit_C) * valid_C).sum()
-                del logits_CV  # free this chunk's buffer before the next one is allocated
-        ctx.save_for_backward(hidden_TH, weight_VH, bias_V, target_ids_T, lse_T)
-        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+                loss += ((sum_C.log() + max_C - target_logit_C) * valid_C).sum()
+                if not (want_hidden or want_weight or want_bias):
+                    continue
+                # d(CE_t)/d(logits_t) = softmax(logits_t) - onehot(target_t); zero for ignored tokens.
+                grad_CV = exp_CV.div_(sum_C[:, None])
+                grad_CV.scatter_add_(1, column_C1, torch.full_like(column_C1, -1, dtype=grad_CV.dtype))
+                grad_CV = grad_CV.mul_(valid_C[:, None]).to(dtype)
+                if want_hidden:
+                    grad_hidden_TH[start:end] = grad_CV @ w_VH
+                if want_weight and dtype == torch.float32:
+                    grad_weight_VH.addmm_(grad_CV.T, h_TH[start:end])  # in place: no [V, H] temporary
+                elif want_weight:
+                    grad_weight_VH += grad_CV.T @ h_TH[start:end]  # a bf16 product, summed in fp32
+                if want_bias:
+                    grad_bias_V += grad_CV.sum(0)
+                del logits_CV, exp_CV, grad_CV  # free this chunk's buffers before the next one is allocated
+        ctx.save_for_backward(grad_hidden_TH, grad_weight_VH, grad_bias_V)
+        ctx.dtypes = weight_VH.dtype, None if bias_V is None else bias_V.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden_TH, weight_VH, bias_V, target_ids_T, lse_T = ctx.saved_tensors
-        dtype = ctx.dtype
-        with torch.autocast(hidden_TH.device.type, enabled=False):
-            h_TH, w_VH = hidden_TH.to(dtype), weight_VH.to(dtype)
-            b_V = None if bias_V is None else bias_V.to(dtype)
-            _, want_weight, want_bias = ctx.needs_input_grad[:3]
-            grad_hidden_TH = torch.empty_like(hidden_TH)
-            # fp32 accumulators: the chunks' weight (and bias) gradients are summed across chunks
-            grad_weight_VH = torch.zeros_like(weight_VH, dtype=torch.float32) if want_weight else None
-            grad_bias_V = torch.zeros_like(bias_V, dtype=torch.float32) if want_bias else None
-            for start in range(0, h_TH.shape[0], ctx.chunk_tokens):
-                end = start + ctx.chunk_tokens
-                column_C1, valid_C = _targets(target_ids_T[start:end])
-                # d(CE_t)/d(logits_t) = softmax(logits_t) - onehot(target_t); zero for ignored tokens.
-                # In place, so a chunk's backward holds one [C, V] fp32 buffer (plus its cast).
-                grad_CV = _chunk_logits(h_TH[start:end], w_VH, b_V).sub_(lse_T[start:end, None]).exp_()
-                grad_CV.scatter_add_(1, column_C1, torch.full_like(column_C1, -1, dtype=grad_CV.dtype))
-                grad_CV = grad_CV.mul_((valid_C * grad_loss)[:, None]).to(dtype)
-                grad_hidden_TH[start:end] = grad_CV @ w_VH
-                if grad_weight_VH is not None and dtype == torch.float32:
-                    grad_weight_VH.addmm_(grad_CV.T, h_TH[start:end])  # in place: no [V, H] temporary
-                elif grad_weight_VH is not None:
-                    grad_weight_VH += grad_CV.T @ h_TH[start:end]  # a bf16 product, summed in fp32
-                if grad_bias_V is not None:
-                    grad_bias_V += grad_CV.sum(0)
-                del grad_CV  # free this chunk's buffer before the next one is allocated
-        grad_weight = None if grad_weight_VH is None else grad_weight_VH.to(weight_VH.dtype)
-        grad_bias = None if grad_bias_V is None else grad_bias_V.to(bias_V.dtype)
-        return grad_hidden_TH, grad_weight, grad_bias, None, None
+        grad_hidden_TH, grad_weight_VH, grad_bias_V = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = lambda grad, dtype: None if grad is None else (grad * grad_loss).to(dtype)  # noqa: E731
+        return (scale(grad_hidden_TH, grad_hidden_TH.dtype if grad_hidden_TH is not None else None),
+                scale(grad_weight_VH, weight_dtype), scale(grad_bias_V, bias_dtype), None, None, None)
 
 
 def chunked_cross_entropy_sum(
@@ -142,7 +142,9 @@ def chunked_cross_entropy_sum(
 ) -> torch.Tensor:
     """Summed cross-entropy of the LM head (hidden @ weight^T + bias) over the targets, in chunks."""
     assert chunk_tokens > 0
-    return _ChunkedLinearCrossEntropy.apply(hidden_TH, weight_VH, bias_V, target_ids_T, chunk_tokens)
+    # Read here: inside an autograd.Function's forward, gradient mode is always off.
+    return _ChunkedLinearCrossEntropy.apply(hidden_TH, weight_VH, bias_V, target_ids_T, chunk_tokens,
+                                            torch.is_grad_enabled())
 
 
 def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
