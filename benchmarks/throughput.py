@@ -5,8 +5,10 @@ Run from the repository root (about 7 minutes on a busy two-core CPU machine, le
     python benchmarks/throughput.py                # all methods, ~40 s of timed steps each
     python benchmarks/throughput.py --seconds 20   # quicker, noisier
     python benchmarks/throughput.py --no-trl       # skip TRL even when it is installed
+    python benchmarks/throughput.py --model 5m --max-tokens 8192 --runs 3   # issue 16's MFU goal, medians
 
-The same random Qwen3-architecture model (~32M parameters, fp32, the same initial weights) is
+The same random Qwen3-architecture model (~32M parameters, or with --model 5m 5.2M: hidden 256, 4 layers,
+tied embeddings; fp32, the same initial weights) is
 trained on the same data, the 999 real Alpaca records in ../shared/data/alpaca_en_demo.json,
 tokenized by zeropad's own data path (ChatML, assistant-only loss) with a byte-level BPE
 tokenizer (8k vocab) trained here on those records, so nothing is downloaded. Methods:
@@ -31,6 +33,12 @@ TRL is optional (`pip install trl`; it is not a zeropad dependency); when it can
 or run, the table says so and why. Both TRL runs get the same tokenized samples (input_ids and
 labels), the same model weights, sdpa attention, AdamW with the same hyperparameters.
 
+MFU: real tokens/s (median step) x the model's training FLOPs per real token (6 x every Linear's parameters,
+LM head included, plus causal attention's two matmuls per document; pad positions count nothing) over this
+CPU's fp32 matmul peak, measured in the same run before and after the methods (the best of 2048 x 2048
+matmuls; the higher of the two). zeropad's own number is what `zeropad train` runs by default: the chunked
+loss (memory.loss_chunk_tokens), per-document attention, AdamW.
+
 Each method runs --warmup untimed steps, then timed optimizer steps until --seconds have passed
 (or exactly --steps when given). "real tokens" counts the tokens of the samples; "computed" the
 token positions the model ran on (real + pad); fill = real / computed; "real tok/s" is real
@@ -40,8 +48,9 @@ tokens over the timed wall-clock seconds (data collation, forward, backward, cli
 from __future__ import annotations
 
 import argparse
-import statistics
 import json
+import math
+import statistics
 import os
 import platform
 import sys
@@ -57,7 +66,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
 import zeropad.model.attention  # noqa: F401  (registers attn_implementation="zeropad_varlen")
-from zeropad.config import DataConfig, SourceConfig, TrainConfig
+from zeropad.config import DataConfig, MemoryConfig, SourceConfig, TrainConfig
 from zeropad.data.chat import ensure_chat_template
 from zeropad.data.dataset import load_samples
 from zeropad.model.compile import compile_layers
@@ -74,12 +83,18 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>" 
 VOCAB_SIZE = 8192
 MAX_SAMPLE_TOKENS = 1024  # per-sample truncation (overlong="truncate"); Alpaca samples are shorter
 LR, BETAS, GRAD_CLIP, SEED = 1e-4, (0.9, 0.95), 1.0, 0
+LOSS_CHUNK_TOKENS = MemoryConfig().loss_chunk_tokens  # zeropad's default loss: chunked (memory.chunked_loss: true)
 
-MODEL_CONFIG = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=64, intermediate_size=1408, max_position_embeddings=4096,
-    tie_word_embeddings=False, use_cache=False, pad_token_id=0, bos_token_id=None, eos_token_id=2,
-)
+_COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=8192, use_cache=False, pad_token_id=0,
+               bos_token_id=None, eos_token_id=2, head_dim=64)
+# --model: "32m" (the default since the first benchmark), "5m" (issue 16's configuration, run with --max-tokens 8192)
+MODEL_PRESETS = {
+    "32m": dict(_COMMON, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                intermediate_size=1408, tie_word_embeddings=False),
+    "5m": dict(_COMMON, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=768, tie_word_embeddings=True),
+}
+MODEL_CONFIG = MODEL_PRESETS["32m"]  # main() sets the one --model names
 
 
 METHODS = ("zeropad", "zeropad-compiled", "padded", "trl-padded", "trl-packed")
@@ -113,6 +128,45 @@ class Result:
         """Mean real tokens per step over the median step time: robust to load spikes from other
         processes on a shared machine, which inflate a few steps of one method."""
         return self.real_tokens / self.steps / statistics.median(self.step_seconds)
+
+
+@dataclass
+class Flops:
+    """Model FLOPs per real token and the machine's matmul peak: MFU = real tok/s x per_token / peak."""
+
+    per_token: float
+    matmul_params: int
+    peak: float = 0.0  # FLOP/s
+    threads: int = 1
+
+    def mfu(self, tokens_per_s: float) -> float:
+        return tokens_per_s * self.per_token / self.peak
+
+
+def model_flops(model, lengths) -> Flops:
+    """Training FLOPs (forward + backward = 3 x forward) per real token, counting only real tokens: 6 x the
+    matmul parameters (every Linear: decoder layers and LM head; the embedding lookup is no matmul), plus causal
+    attention: in the forward, position i's scores and weighted values are 2 x 2 x (i + 1) x head_dim per head."""
+    cfg = model.config
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attn_width = cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    lengths = np.asarray(lengths, dtype=np.float64)
+    attention = float((6 * attn_width * lengths * (lengths + 1)).sum())
+    return Flops((6 * matmul * lengths.sum() + attention) / lengths.sum(), matmul)
+
+
+def matmul_peak(threads: int, size: int = 2048, reps: int = 8) -> float:
+    """This CPU's fp32 matmul FLOP/s now: the best of `reps` size x size matmuls."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        a @ b
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
 
 
 # ---------------------------------------------------------------- data and model (shared)
@@ -231,15 +285,17 @@ class ZeropadStepper(Stepper):
             compile_layers(self.model)
         self.optimizer, self.scheduler = build_optimizer(self.model, len(plan))
         self.packs = _cycle(plan)
-        self.meter.result.note = f"packs of <= {args.max_tokens} real tokens (BFD, {len(plan)} packs/epoch), " \
-                                 "zeropad_varlen (per-document SDPA on CPU)" + (", train.compile" if compiled else "")
+        self.meter.result.note = (f"packs of <= {args.max_tokens} real tokens (BFD, {len(plan)} packs/epoch), "
+                                  "zeropad_varlen (per-document SDPA on CPU), chunked loss (the default)"
+                                  + (", train.compile" if compiled else ""))
 
     def train_one(self) -> tuple[int, int]:
         t0 = time.perf_counter()
         pack = collate([self.samples[i] for i in next(self.packs)])
         if not self.meter.warming_up:
             self.meter.result.data_seconds.append(time.perf_counter() - t0)
-        train_step(StepSetup(self.model, self.optimizer, self.scheduler, grad_clip=GRAD_CLIP), [pack])
+        train_step(StepSetup(self.model, self.optimizer, self.scheduler, grad_clip=GRAD_CLIP,
+                             loss_chunk_tokens=LOSS_CHUNK_TOKENS), [pack])
         return pack.num_tokens, pack.num_tokens
 
 
@@ -357,11 +413,18 @@ def run_trl(samples, state_dict, tokenizer, packing: bool, args, work_dir: str, 
 # ---------------------------------------------------------------- report
 
 
-def table(results: list[Result]) -> str:
+def markdown(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    return [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(row) for row in rows]
+
+
+def table(results: list[Result], flops: Flops) -> str:
     base = next((r for r in results if r.method == "padded" and r.ok), None)
     trls = [r for r in results if r.ok and r.method.startswith("trl")]
     head = ("method", "steps", "real tokens", "computed", "fill", "seconds", "real tok/s", "vs padded",
-            "median-step tok/s", "vs padded (median)")
+            "median-step tok/s", "vs padded (median)", "MFU (median step)")
     rows = []
     for r in results:
         if not r.ok:
@@ -371,11 +434,11 @@ def table(results: list[Result]) -> str:
         median_ratio = f"{r.median_tokens_per_s / base.median_tokens_per_s:.2f}x" if base else "-"
         rows.append((r.method, str(r.steps), f"{r.real_tokens:,}", f"{r.computed_tokens:,}", f"{100 * r.fill:.1f}%",
                      f"{r.seconds:.1f}", f"{r.tokens_per_s:,.0f}", ratio, f"{r.median_tokens_per_s:,.0f}",
-                     median_ratio))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(row) for row in rows]
+                     median_ratio, f"{100 * flops.mfu(r.median_tokens_per_s):.1f}%"))
+    out = markdown(head, rows)
+    out.append(f"MFU: {flops.per_token / 1e6:.1f} MFLOP of matmul work per real token (6 x {flops.matmul_params / 1e6:.2f}M "
+               f"matmul parameters + causal attention) over this CPU's fp32 matmul peak measured in the same run, "
+               f"{flops.peak / 1e9:.1f} GFLOP/s (best of 2048 x 2048 matmuls, {flops.threads} threads, before and after)")
     zp = next((r for r in results if r.method == "zeropad" and r.ok), None)
     out.append("")
     if zp and base:
@@ -399,8 +462,62 @@ def table(results: list[Result]) -> str:
     return "\n".join(out)
 
 
+def run_once(samples, state_dict, tokenizer, methods: list[str], args, work_dir: str) -> list[Result]:
+    """Every method once: warm-up, then timed steps, our methods interleaved (and between TRL's steps), so that
+    a busy machine slows every method alike instead of whichever happened to run during the busy minute."""
+    own: list[Stepper] = []
+    if "zeropad" in methods:
+        own.append(ZeropadStepper(samples, state_dict, args))
+    if "zeropad-compiled" in methods:
+        own.append(ZeropadStepper(samples, state_dict, args, compiled=True))
+    if "padded" in methods:
+        own.append(PaddedStepper(samples, state_dict, tokenizer.pad_token_id, args))
+    for stepper in own:
+        while stepper.meter.warming_up:
+            stepper.step()
+    trl_results = {}
+    for method in ("trl-padded", "trl-packed"):
+        if method in methods:
+            trl_results[method] = run_trl(samples, state_dict, tokenizer, method == "trl-packed", args,
+                                          work_dir, own)
+            r = trl_results[method]
+            print(f"  {method}: {f'{r.tokens_per_s:,.0f} real tok/s' if r.ok else r.note}", flush=True)
+    while any(stepper.meter.needs_more() for stepper in own):
+        interleave(own)
+    by_name = {stepper.meter.result.method: stepper.meter.result for stepper in own} | trl_results
+    return [by_name[m] for m in METHODS if m in by_name]
+
+
+def summary(runs: list[tuple[list[Result], Flops]]) -> str:
+    """Medians over the runs of each method's median-step tok/s, MFU, and ratios taken within each run."""
+    head = ("method", "runs", "median-step tok/s", "MFU", "vs padded", "vs best TRL")
+    rows = []
+    for method in [r.method for r in runs[0][0]]:
+        tok, mfu, vs_padded, vs_trl = [], [], [], []
+        for results, flops in runs:
+            r = next(x for x in results if x.method == method)
+            if not r.ok:
+                continue
+            tok.append(r.median_tokens_per_s)
+            mfu.append(flops.mfu(r.median_tokens_per_s))
+            base = next((x for x in results if x.method == "padded" and x.ok), None)
+            trls = [x.median_tokens_per_s for x in results if x.ok and x.method.startswith("trl")]
+            if base:
+                vs_padded.append(r.median_tokens_per_s / base.median_tokens_per_s)
+            if trls:
+                vs_trl.append(r.median_tokens_per_s / max(trls))
+        med = lambda xs, fmt: fmt.format(statistics.median(xs)) if xs else "-"  # noqa: E731
+        rows.append((method, str(len(tok)), med(tok, "{:,.0f}"), med([100 * m for m in mfu], "{:.1f}%"),
+                     med(vs_padded, "{:.2f}x"), med(vs_trl, "{:.2f}x")))
+    return "\n".join(markdown(head, rows))
+
+
 def main() -> None:
+    global MODEL_CONFIG
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="32m",
+                        help="32m (hidden 512, 8 layers) or 5m (hidden 256, 4 layers, tied: issue 16's configuration)")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison; medians are reported")
     parser.add_argument("--seconds", type=float, default=40.0, help="timed seconds per method")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method (overrides --seconds)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
@@ -412,6 +529,7 @@ def main() -> None:
                         help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    MODEL_CONFIG = MODEL_PRESETS[args.model]
 
     if not ALPACA.is_file():
         sys.exit(f"throughput.py: the Alpaca sample is missing: expected {ALPACA} "
@@ -420,20 +538,26 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.no_trl:
         methods = [m for m in methods if not m.startswith("trl")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"throughput.py: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
 
     records = json.loads(ALPACA.read_text())
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(records)
+    runs: list[tuple[list[Result], Flops]] = []
     with tempfile.TemporaryDirectory(prefix="zeropad-throughput-") as work_dir:
         samples, report = load_alpaca_samples(tokenizer, f"{work_dir}/cache")
         lengths = np.array([len(s) for s in samples])
         reference = build_model("sdpa")
         num_params = sum(p.numel() for p in reference.parameters())
+        flops = model_flops(reference, lengths)
         state_dict = {k: v.clone() for k, v in reference.state_dict().items()}
         del reference
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
               f"{platform.processor() or ''}".rstrip())
-        print(f"model: Qwen3 architecture, {num_params / 1e6:.1f}M parameters, fp32; tokenizer: byte-level BPE "
+        print(f"model: Qwen3 architecture ({args.model}), {num_params / 1e6:.1f}M parameters, fp32, "
+              f"{flops.per_token / 1e6:.1f} MFLOP per real token; tokenizer: byte-level BPE "
               f"{len(tokenizer)} tokens (setup {time.perf_counter() - t0:.1f}s)")
         print(f"data: {ALPACA.name}: {report.summary()}; length mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, max {lengths.max()}; "
               f"{sum(int(s.loss_mask.sum()) for s in samples):,} target tokens")
@@ -442,44 +566,24 @@ def main() -> None:
             order, range(args.batch_size, len(order), args.batch_size)))
         print(f"over one epoch, batches of {args.batch_size} padded to the longest would be "
               f"{100 * lengths.sum() / padded_positions:.1f}% real tokens")
-        print(f"timing: {args.warmup} warm-up steps, then "
+        print(f"timing: {args.runs} run(s); each {args.warmup} warm-up steps, then "
               f"{f'{args.steps} steps' if args.steps else f'~{args.seconds:.0f}s'} per method\n", flush=True)
-
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            sys.exit(f"throughput.py: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-        load_before = os.getloadavg()[0]
-        # Our methods are stepped in turn, and between TRL's steps, so that a busy machine slows
-        # every method alike instead of whichever happened to run during the busy minute.
-        own: list[Stepper] = []
-        if "zeropad" in methods:
-            own.append(ZeropadStepper(samples, state_dict, args))
-        if "zeropad-compiled" in methods:
-            own.append(ZeropadStepper(samples, state_dict, args, compiled=True))
-        if "padded" in methods:
-            own.append(PaddedStepper(samples, state_dict, tokenizer.pad_token_id, args))
-        for stepper in own:
-            while stepper.meter.warming_up:
-                stepper.step()
-        trl_results = {}
-        for method in ("trl-padded", "trl-packed"):
-            if method in methods:
-                trl_results[method] = run_trl(samples, state_dict, tokenizer, method == "trl-packed", args,
-                                              work_dir, own)
-                r = trl_results[method]
-                print(f"  {method}: {f'{r.tokens_per_s:,.0f} real tok/s' if r.ok else r.note}", flush=True)
-        while any(stepper.meter.needs_more() for stepper in own):
-            interleave(own)
-        by_name = {stepper.meter.result.method: stepper.meter.result for stepper in own} | trl_results
-        results = [by_name[m] for m in METHODS if m in by_name]
-        print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; "
-              f"total {time.perf_counter() - t0:.0f}s")
-
-    print()
-    print(table(results))
+        for run in range(args.runs):
+            load_before, peak_before = os.getloadavg()[0], matmul_peak(args.threads)
+            results = run_once(samples, state_dict, tokenizer, methods, args, work_dir)
+            peak = max(peak_before, matmul_peak(args.threads))  # the higher peak: the lower, safer MFU
+            run_flops = Flops(flops.per_token, flops.matmul_params, peak, args.threads)
+            runs.append((results, run_flops))
+            print(f"\nrun {run + 1}/{args.runs}: load average (1 min) before {load_before:.2f}, after "
+                  f"{os.getloadavg()[0]:.2f}; total {time.perf_counter() - t0:.0f}s")
+            print(table(results, run_flops), flush=True)
+    if args.runs > 1:
+        print(f"\nmedians over {args.runs} runs (MFU against each run's own peak; ratios within each run):")
+        print(summary(runs))
     if args.json:
-        args.json.write_text(json.dumps([{**r.__dict__, "tokens_per_s": r.tokens_per_s if r.ok else None}
-                                         for r in results], indent=2))
+        args.json.write_text(json.dumps([[{**r.__dict__, "tokens_per_s": r.tokens_per_s if r.ok else None,
+                                           "mfu": f.mfu(r.median_tokens_per_s) if r.ok else None}
+                                          for r in results] for results, f in runs], indent=2))
 
 
 if __name__ == "__main__":

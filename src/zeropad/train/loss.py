@@ -194,7 +194,8 @@ def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.
     `chunk_tokens`, the last hidden state through the chunked LM-head loss. `model` may be wrapped
     (DDP, FSDP2). Run it under the forward's autocast; both ways give the same loss and gradients."""
     if chunk_tokens is None:
-        return token_loss_sum(model(**model_inputs).logits[0], target_ids_T)
+        # flatten, not [0]: a view, whose backward is free; select's backward writes a zero [1, T, V] first
+        return token_loss_sum(model(**model_inputs).logits.flatten(0, 1), target_ids_T)
     hidden_TH, no_logits = _forward(model, model_inputs, target_ids_T.new_empty(0))
     fsdp = isinstance(model, FSDPModule)
     if fsdp:

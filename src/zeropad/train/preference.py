@@ -112,7 +112,7 @@ class PreferenceObjective:
     def loss_sum(self, model, pack: Pack, autocast) -> torch.Tensor:
         """Sum over the pack's pairs of the pair loss, from one varlen forward; the rewards are tallied."""
         with autocast:
-            logits_TV = model(**pack.model_inputs()).logits[0]
+            logits_TV = model(**pack.model_inputs()).logits.flatten(0, 1)  # a view: a free backward
         logps_D, counts_D = document_logps(logits_TV, pack.target_ids[0], pack.cu_seqlens)
         losses, chosen, rejected = self.pair_losses(logps_D, counts_D, pack.ref_logps)
         tally = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum()]).tolist()
@@ -197,7 +197,7 @@ def compute_reference(model, pairs: list[Pair], max_tokens: int, seed: int, devi
             for plan in plan_packs([len(pair) for pair in pairs], max_tokens, seed=seed):
                 pack = collate_pairs([pairs[i] for i in plan]).to(device)
                 with autocast:
-                    logits_TV = model(**pack.model_inputs()).logits[0]
+                    logits_TV = model(**pack.model_inputs()).logits.flatten(0, 1)  # a view: a free backward
                 logps_D = document_logps(logits_TV, pack.target_ids[0], pack.cu_seqlens)[0]
                 out[plan] = logps_D.view(-1, 2).float().cpu().numpy()
     finally:
