@@ -286,7 +286,12 @@ def generate(
     temperature: float = typer.Option(None, min=0.0, help="0: greedy; above 0: sampling. Default 0 for text, 1 for "
                                       "images."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Text: nucleus sampling."),
-    top_k: int = typer.Option(None, "--top-k", help="Images: sample among the k most likely pixel levels."),
+    top_k: int = typer.Option(None, "--top-k", help="Images: sample among the k most likely pixel levels (visual "
+                              "tokens for Emu3)."),
+    guidance_scale: float = typer.Option(None, help="Images (Emu3): classifier-free guidance scale; above 1 turns "
+                                         "it on."),
+    negative_prompt: str = typer.Option(None, help="Images (Emu3, with --guidance-scale): what to steer away from "
+                                        "(default: an empty prompt)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     batch_size: int = typer.Option(32, min=1, help="Prompts of equal length generated together (no padding)."),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
@@ -303,8 +308,16 @@ def generate(
     if prompt is not None:
         from zeropad.images import generate_images
 
+        from zeropad.model.emu3 import generate_emu3_images, is_emu3_dir
+
         temperature = 1.0 if temperature is None else temperature
-        paths = generate_images(model_dir, prompt, num, out, temperature=temperature, top_k=top_k, seed=seed)
+        if is_emu3_dir(model_dir):
+            paths = generate_emu3_images(model_dir, prompt, num, out, temperature, top_k, seed, guidance_scale,
+                                         negative_prompt)
+        elif guidance_scale is not None or negative_prompt is not None:
+            raise ZeropadError("--guidance-scale/--negative-prompt: classifier-free guidance is for Emu3 models")
+        else:
+            paths = generate_images(model_dir, prompt, num, out, temperature=temperature, top_k=top_k, seed=seed)
         print(f"wrote {len(paths)} images and {out / 'grid.png'}")
         return
     from zeropad.generate import Settings, generate_file, load_chatter
