@@ -112,6 +112,8 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
             init_weights(model, seed)  # module by module: the same weights as any sharded build (model/init.py)
             model = model.to(device)
     model.config.get_text_config().use_cache = False  # a VLM's language model reads its own config
+    if config.model_type == "emu3":  # its VQ model is frozen: it tokenizes images (zeropad.model.emu3)
+        model.model.vqmodel.requires_grad_(False)
     return apply_lora(model, cfg.lora) if lora else model
 
 
