@@ -96,7 +96,8 @@ def sample_emu3_images(model, tokenizer, processor, prompt: str, num: int, tempe
         raise ConfigError("a negative prompt needs classifier-free guidance: give a guidance scale above 1")
     targets = image_targets(model.config)
     rows, cols = generation_grid(processor)
-    end = tokenizer.eos_token_id
+    end = tokenizer.eos_token_id  # the end of turn training targets after the image (ChatML: <|im_end|>)
+    pad = end if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     ids = prompt_ids(tokenizer, prompt, targets, (rows, cols))
     device = next(model.parameters()).device
     batch = torch.tensor([ids] * num, device=device)
@@ -115,8 +116,7 @@ def sample_emu3_images(model, tokenizer, processor, prompt: str, num: int, tempe
         torch.manual_seed(seed)
         out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
                              max_new_tokens=body + 1, prefix_allowed_tokens_fn=allowed, temperature=temperature,
-                             top_k=top_k or 0, top_p=1.0, pad_token_id=tokenizer.pad_token_id or end,
-                             eos_token_id=end, **kwargs)
+                             top_k=top_k or 0, top_p=1.0, pad_token_id=pad, eos_token_id=end, **kwargs)
     # rows with end-of-line, end of frame, end of image, end of turn: the layout decode_image_tokens reads
     pixels = model.decode_image_tokens(image_tokens=out[:, len(ids):], height=rows, width=cols)
     return processor.postprocess(list(pixels.float().cpu()), return_tensors="PIL.Image.Image")["pixel_values"]
