@@ -5,6 +5,7 @@ classifier-free guidance; bad input stops with a clear message."""
 import json
 
 import pytest
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,14 +23,15 @@ def final(tmp_path_factory):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    cfg = build_config({
+    run = {
         "model": {"tokenizer": str(root / "tokenizer"), "config": emu3_config(tokenizer)},
         "data": {"sources": [{"path": str(text_to_image_records(root)), "format": "messages"}]},
         "vision": {"min_pixels": 16 * 16, "max_pixels": SIDE * SIDE},
         "pack": {"max_tokens": 256}, "train": {"steps": 1, "lr": 1e-3, "device": "cpu"},
         "log": {"progress": False}, "output_dir": str(root / "out"),
-    })
-    result = train(cfg)
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(run))
+    result = train(build_config(run))
     first = json.loads((root / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["data"]["samples"] == 4
     assert 0 < result.final_loss < 20  # a number, not NaN
@@ -63,3 +65,10 @@ def test_generate_refuses_bad_input(final, tmp_path):
     (tmp_path / "bare" / "config.json").write_text((final / "config.json").read_text())
     with pytest.raises(ConfigError, match="no preprocessor_config.json"):
         generate_emu3_images(tmp_path / "bare", "x", 1, tmp_path / "c")
+
+
+def test_pack_stats_plans_from_image_headers(final):
+    result = CliRunner().invoke(app, ["pack-stats", str(final.parents[1] / "run.yaml"), "--show", "1"])
+    assert result.exit_code == 0, result.output
+    assert "4 records -> 4 samples, 230 tokens" in result.output  # the lengths training packed
+    assert "<|image start|>4*4<|image token|>" in result.output

@@ -129,6 +129,7 @@ def pack_stats(
     """Print packing utilization, number of packs and the lower bound ceil(total/budget)."""
     from zeropad.data.chat import ensure_chat_template
     from zeropad.data.dataset import load_samples
+    from zeropad.data.image_targets import image_target_setup, load_target_samples
     from zeropad.data.multimodal import load_image_processor, load_vision_samples
     from zeropad.family import is_multimodal
     from zeropad.model.load import build_model_config, load_tokenizer
@@ -139,7 +140,10 @@ def pack_stats(
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model_config = build_model_config(cfg.model)
-    if is_multimodal(model_config):  # exact lengths from image headers and video metadata, no pixels
+    target_processor = image_target_setup(cfg, model_config)  # Emu3: images as targets, lengths from headers
+    if target_processor is not None:
+        samples, report = load_target_samples(cfg, cfg.data.sources, tokenizer, target_processor, model_config)
+    elif is_multimodal(model_config):  # exact lengths from image headers and video metadata, no pixels
         processor = load_image_processor(cfg, model_config)
         samples, report = load_vision_samples(cfg, cfg.data.sources, tokenizer, processor, model_config)
     elif cfg.train.objective != "sft":  # preference pairs, each planned as one unit
