@@ -317,7 +317,7 @@ def generate(
         temperature = 1.0 if temperature is None else temperature
         if is_emu3_dir(model_dir):
             paths = generate_emu3_images(model_dir, prompt, num, out, temperature, top_k, seed, guidance_scale,
-                                         negative_prompt)
+                                         negative_prompt, device=device)
         elif guidance_scale is not None or negative_prompt is not None:
             raise ZeropadError("--guidance-scale/--negative-prompt: classifier-free guidance is for Emu3 models")
         else:

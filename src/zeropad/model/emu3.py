@@ -129,10 +129,11 @@ def is_emu3_dir(model_dir: str | Path) -> bool:
 
 def generate_emu3_images(model_dir: str | Path, prompt: str, num: int, out_dir: str | Path, temperature: float = 1.0,
                          top_k: int | None = None, seed: int = 0, guidance_scale: float | None = None,
-                         negative_prompt: str | None = None, columns: int = 10, device: str = "cpu") -> list[Path]:
+                         negative_prompt: str | None = None, columns: int = 10, device: str = "auto") -> list[Path]:
     """Sample `num` images for `prompt` from an Emu3 model directory (its weights, tokenizer and
-    preprocessor_config.json, as zeropad's final/ and export write them); write OUT/0000.png, ... and the contact
-    sheet OUT/grid.png. Returns the image paths (not the grid)."""
+    preprocessor_config.json, as zeropad's final/ and export write them) on `device` (auto: the GPU if there is
+    one); write OUT/0000.png, ... and the contact sheet OUT/grid.png. Returns the image paths (not the grid)."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if num < 1:
         raise ConfigError(f"the number of images must be at least 1, got {num}")
     model_dir = Path(model_dir)
