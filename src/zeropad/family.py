@@ -4,8 +4,8 @@ These facts sit below both `data/` (which writes markers and counts visual token
 the packed forward), so data never imports model. A text-only model has no media family (`media_family` gives
 None); a vision-language or early-fusion design has one `MediaFamily`; a design zeropad cannot pack is refused
 with the reason. Emu3, which learns to write images, has `ImageTargets` instead: its images become target
-tokens before packing, so its packs hold no media and it has no MediaFamily. Positions that need the model itself (Qwen's 3-axis mRoPE from `get_rope_index`) come from
-`zeropad.model.vlm.position_rule`.
+tokens before packing, so its packs hold no media and it has no MediaFamily. Positions that need the model
+itself (Qwen's 3-axis mRoPE from `get_rope_index`) come from `zeropad.model.vlm.position_rule`.
 """
 
 from __future__ import annotations
