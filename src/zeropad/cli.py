@@ -129,6 +129,7 @@ def pack_stats(
     """Print packing utilization, number of packs and the lower bound ceil(total/budget)."""
     from zeropad.data.chat import ensure_chat_template
     from zeropad.data.dataset import load_samples
+    from zeropad.data.image_targets import image_target_setup, load_target_samples
     from zeropad.data.multimodal import load_image_processor, load_vision_samples
     from zeropad.family import is_multimodal
     from zeropad.model.load import build_model_config, load_tokenizer
@@ -139,7 +140,10 @@ def pack_stats(
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     model_config = build_model_config(cfg.model)
-    if is_multimodal(model_config):  # exact lengths from image headers and video metadata, no pixels
+    target_processor = image_target_setup(cfg, model_config)  # Emu3: images as targets, lengths from headers
+    if target_processor is not None:
+        samples, report = load_target_samples(cfg, cfg.data.sources, tokenizer, target_processor, model_config)
+    elif is_multimodal(model_config):  # exact lengths from image headers and video metadata, no pixels
         processor = load_image_processor(cfg, model_config)
         samples, report = load_vision_samples(cfg, cfg.data.sources, tokenizer, processor, model_config)
     elif cfg.train.objective != "sft":  # preference pairs, each planned as one unit
@@ -286,7 +290,12 @@ def generate(
     temperature: float = typer.Option(None, min=0.0, help="0: greedy; above 0: sampling. Default 0 for text, 1 for "
                                       "images."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Text: nucleus sampling."),
-    top_k: int = typer.Option(None, "--top-k", help="Images: sample among the k most likely pixel levels."),
+    top_k: int = typer.Option(None, "--top-k", help="Images: sample among the k most likely pixel levels (visual "
+                              "tokens for Emu3)."),
+    guidance_scale: float = typer.Option(None, help="Images (Emu3): classifier-free guidance scale; above 1 turns "
+                                         "it on."),
+    negative_prompt: str = typer.Option(None, help="Images (Emu3, with --guidance-scale): what to steer away from "
+                                        "(default: an empty prompt)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     batch_size: int = typer.Option(32, min=1, help="Prompts of equal length generated together (no padding)."),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
@@ -303,8 +312,16 @@ def generate(
     if prompt is not None:
         from zeropad.images import generate_images
 
+        from zeropad.model.emu3 import generate_emu3_images, is_emu3_dir
+
         temperature = 1.0 if temperature is None else temperature
-        paths = generate_images(model_dir, prompt, num, out, temperature=temperature, top_k=top_k, seed=seed)
+        if is_emu3_dir(model_dir):
+            paths = generate_emu3_images(model_dir, prompt, num, out, temperature, top_k, seed, guidance_scale,
+                                         negative_prompt, device=device)
+        elif guidance_scale is not None or negative_prompt is not None:
+            raise ZeropadError("--guidance-scale/--negative-prompt: classifier-free guidance is for Emu3 models")
+        else:
+            paths = generate_images(model_dir, prompt, num, out, temperature=temperature, top_k=top_k, seed=seed)
         print(f"wrote {len(paths)} images and {out / 'grid.png'}")
         return
     from zeropad.generate import Settings, generate_file, load_chatter

@@ -3,8 +3,9 @@
 These facts sit below both `data/` (which writes markers and counts visual tokens) and `model/` (which runs
 the packed forward), so data never imports model. A text-only model has no media family (`media_family` gives
 None); a vision-language or early-fusion design has one `MediaFamily`; a design zeropad cannot pack is refused
-with the reason. Positions that need the model itself (Qwen's 3-axis mRoPE from `get_rope_index`) come from
-`zeropad.model.vlm.position_rule`.
+with the reason. Emu3, which learns to write images, has `ImageTargets` instead: its images become target
+tokens before packing, so its packs hold no media and it has no MediaFamily. Positions that need the model
+itself (Qwen's 3-axis mRoPE from `get_rope_index`) come from `zeropad.model.vlm.position_rule`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import torch
 
 # The image sentinels ChameleonProcessor inserts around each image when its tokenizer names none.
 CHAMELEON_BOI, CHAMELEON_EOI = "<racm3:break>", "<eoss>"
+
+# Emu3's image layout tokens, as its tokenizer names them (Emu3Processor, Emu3ImageVocabularyMapping):
+# <|image start|>{h}*{w}<|image token|> then h rows of w visual tokens each ended by <|extra_200|>, then
+# <|extra_201|> (end of frame) <|image end|>.
+EMU3_BOI, EMU3_WRAPPER, EMU3_EOL, EMU3_EOF, EMU3_EOI = (
+    "<|image start|>", "<|image token|>", "<|extra_200|>", "<|extra_201|>", "<|image end|>")
+EMU3_IMAGE = "<image>"  # Emu3's placeholder token (config.image_token_id)
 
 QWEN_VL = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 SUPPORTED = (*QWEN_VL, "kimi_k25", "chameleon")
@@ -161,3 +169,67 @@ def vision_family(config) -> MediaFamily:
     if family is None:
         raise ValueError(f"{config.model_type} is a text-only model: it has no images to pack")
     return family
+
+
+@dataclass(frozen=True)
+class ImageTargets:
+    """An early-fusion family whose image tokens are generation targets (Emu3): images in an assistant turn
+    become their VQ tokens, in the layout the family's decoder reads back (`decode_image_tokens`).
+
+    One image of a (rows x cols) code grid is `prefix_text(rows, cols)` (the generation prompt writes it, so it
+    is never a target) then `num_body_tokens(rows, cols)` target tokens: each row's visual tokens and an
+    end-of-line token, then end of frame and end of image."""
+
+    model_type: str
+    placeholder_id: int  # stands for an image's body until its codes are known (pack time)
+    eol_id: int
+    eof_id: int
+    eoi_id: int
+    visual_ids: tuple[int, ...]  # the token id of VQ code k is visual_ids[k]
+    spatial_factor: int  # an image of H x W pixels gives a (H / f) x (W / f) code grid
+
+    def prefix_text(self, rows: int, cols: int) -> str:
+        return f"{EMU3_BOI}{rows}*{cols}{EMU3_WRAPPER}"
+
+    @staticmethod
+    def num_body_tokens(rows: int, cols: int) -> int:
+        return rows * (cols + 1) + 2
+
+    def body(self, row_ids) -> np.ndarray:
+        """The target tokens of one image from its rows-with-end-of-line ids (Emu3Model.get_image_tokens)."""
+        return np.concatenate([np.asarray(row_ids, dtype=np.int64), [self.eof_id, self.eoi_id]])
+
+    def allowed_next(self, step: int, rows: int, cols: int, end_id: int) -> list[int]:
+        """The tokens generation may pick `step` tokens after the prefix: visual tokens inside a row,
+        end-of-line at each row's end, then end of frame, end of image and `end_id` (end of turn)."""
+        row_len = cols + 1
+        if step < rows * row_len:
+            return [self.eol_id] if step % row_len == cols else list(self.visual_ids)
+        return [[self.eof_id, self.eoi_id, end_id][min(step - rows * row_len, 2)]]
+
+
+def images_are_targets(config) -> bool:
+    """A model that trains on images as generation targets (Emu3: its documents reach the pack as plain tokens,
+    so it has no MediaFamily). Chameleon's VQ model has no decoder in transformers: understanding only."""
+    return config.model_type == "emu3"
+
+
+def image_targets(config) -> ImageTargets | None:
+    """The ImageTargets of an Emu3 config (read from its vocabulary_map); None for every other model.
+    ValueError when the vocabulary map lacks the layout's tokens."""
+    if not images_are_targets(config):
+        return None
+    vocab = config.vocabulary_map or {}
+    names = (EMU3_IMAGE, EMU3_BOI, EMU3_WRAPPER, EMU3_EOL, EMU3_EOF, EMU3_EOI)
+    missing = [t for t in names if t not in vocab]
+    visual = {int(name[-8:-2]): i for name, i in vocab.items() if name.startswith("<|visual token")}
+    if missing or not visual:
+        raise ValueError(f"emu3: the config's vocabulary_map has no {missing or 'visual tokens'} (Emu3's image "
+                         "layout tokens); use the model's tokenizer vocabulary")
+    codebook = config.vq_config.codebook_size
+    if sorted(visual) != list(range(codebook)):
+        raise ValueError(f"emu3: the vocabulary_map has {len(visual)} visual tokens but the VQ codebook has "
+                         f"{codebook} codes")
+    return ImageTargets(config.model_type, vocab[EMU3_IMAGE], vocab[EMU3_EOL], vocab[EMU3_EOF], vocab[EMU3_EOI],
+                        tuple(visual[k] for k in range(codebook)),
+                        spatial_factor=2 ** (len(config.vq_config.channel_multiplier) - 1))

@@ -174,7 +174,9 @@ def contact_sheet(rows: list[list[Image.Image]]) -> Image.Image:
     """One row of pictures per list (all the same size), GAP pixels of grey around each."""
     cell_w, cell_h = rows[0][0].size
     columns = max(len(row) for row in rows)
-    sheet = Image.new("L", (columns * (cell_w + GAP) + GAP, len(rows) * (cell_h + GAP) + GAP), 160)
+    mode = rows[0][0].mode  # greyscale (pixel-token drawings) or RGB (Emu3)
+    grey = 160 if mode == "L" else (160,) * len(mode)
+    sheet = Image.new(mode, (columns * (cell_w + GAP) + GAP, len(rows) * (cell_h + GAP) + GAP), grey)
     for r, row in enumerate(rows):
         for c, picture in enumerate(row):
             sheet.paste(picture, (GAP + c * (cell_w + GAP), GAP + r * (cell_h + GAP)))

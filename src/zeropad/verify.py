@@ -40,8 +40,9 @@ from transformers import AttentionInterface, AttentionMaskInterface
 
 from zeropad.data.chat import Sample
 from zeropad.errors import ConfigError
-from zeropad.family import media_family, random_pixels
+from zeropad.family import image_targets, media_family, random_pixels
 from zeropad.model.attention import ATTN_NAME, _no_mask, family, varlen_attention_forward
+from zeropad.model.load import emu3_attn_implementation
 from zeropad.model.support import check_packable
 from zeropad.model.vlm import packed_attn_implementation, position_rule, unpacked_inputs
 from zeropad.pack.collate import IGNORE_INDEX, PositionRule, collate, shift_targets, varlen_kwargs, varlen_metadata
@@ -233,6 +234,8 @@ class _Probe:
 def packed_attn(model, name: str = ATTN_NAME):
     """The attention the packed path sets: `name` for the language model, a stock backend for a vision tower."""
     family_ = media_family(model.config)
+    if image_targets(model.config) is not None:  # Emu3: its VQ model keeps a stock (bidirectional) attention
+        return emu3_attn_implementation(name)
     if family_ is None or family_.fixed_image_tokens is not None:
         return name
     return {**packed_attn_implementation(), "text_config": name}

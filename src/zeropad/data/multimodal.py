@@ -92,10 +92,11 @@ def load_image_processor(cfg: Config, model_config: PretrainedConfig):
     return processor
 
 
-def load_vision_samples(cfg: Config, sources, tokenizer, processor, model_config: PretrainedConfig
+def load_vision_samples(cfg: Config, sources, tokenizer, processor, model_config: PretrainedConfig, measure=None
                         ) -> tuple[list[VisionSample], SampleReport]:
     """Every record of `sources` checked and measured; bad records follow data.on_bad_sample. A sample over
-    pack.max_tokens is dropped (counted): cutting it could split an image or video from its tokens."""
+    pack.max_tokens is dropped (counted): cutting it could split an image or video from its tokens. `measure`
+    (record, source, record_no) -> sample replaces the image-conversation reader (zeropad.data.image_targets)."""
     ensure_chat_template(tokenizer, cfg.data.chat_template)
     report = SampleReport()
     policy = SamplePolicy(cfg.data.on_bad_sample, report, cfg.pack.max_tokens, "drop", collect=True)
@@ -109,7 +110,8 @@ def load_vision_samples(cfg: Config, sources, tokenizer, processor, model_config
             try:
                 if isinstance(record, DataError):
                     raise record
-                sample = _measure(record, source, cfg, tokenizer, processor, model_config, record_no)
+                sample = (measure(record, source, record_no) if measure is not None else
+                          _measure(record, source, cfg, tokenizer, processor, model_config, record_no))
             except DataError as err:
                 policy.bad(source.path, record_no, err.reason)
                 continue

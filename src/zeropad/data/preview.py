@@ -36,8 +36,9 @@ def preview(samples: list, tokenizer, count: int, color: bool = False) -> str:
         if id(item) in seen:
             continue
         seen.add(id(item))
-        # A vision sample is shown as tokenized: one pad token per image or video.
-        sample = item.conversation.sample if hasattr(item, "conversation") else item
+        # A vision sample is shown as tokenized: one pad token per image or video (an Emu3 TargetSample: one
+        # <image> per target image, its tokens made when its pack is built).
+        sample = item.conversation.sample if hasattr(item, "conversation") else getattr(item, "sample", item)
         header = f"--- sample {len(shown) + 1}: {len(item)} tokens, {int(sample.loss_mask.sum())} trained ---"
         shown.append(f"{header}\n{marked_text(sample, tokenizer, color)}")
     return "\n".join(shown)

@@ -149,6 +149,12 @@ def read_image_conversation(record: dict, tokenizer, config, *, file: str, recor
     if isinstance(conversation, Text):
         raise DataError(file, record_no, "a pretraining 'text' record cannot carry images or videos; use messages")
     family = _family(config)
+    if any(m.role == "assistant" and PLACEHOLDERS["image"] in m.content for m in conversation.messages):
+        why = ("transformers has no decoder for its VQ image tokens" if family.fixed_image_tokens is not None
+               else "it writes text only")
+        raise DataError(file, record_no, f"an image in an assistant turn would be a generation target, which "
+                        f"{family.model_type} cannot learn ({why}); images belong in user turns (Emu3 trains "
+                        "images as targets)")
     if refs.videos and family.video_token_id is None:
         raise ZeropadError(f"{file}, record {record_no}: {family.model_type} models take no videos yet; remove "
                            "the videos or train a Qwen2.5-VL / Qwen3-VL model")

@@ -64,10 +64,18 @@ def is_vision_language(config: PretrainedConfig) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def emu3_attn_implementation(text: str = ATTN_NAME) -> dict[str, str]:
+    """Emu3's packed attention: `text` for the language model, a stock backend for the VQ model, whose attention
+    blocks are bidirectional within one image."""
+    return {"text_config": text, "vq_config": "sdpa"}
+
+
 def auto_class(config: PretrainedConfig):
     """Causal LMs (also remote-code ones) by AutoModelForCausalLM; the rest, VLMs and early-fusion models such
     as Chameleon (no vision_config, but registered only as image-text-to-text), by AutoModelForImageTextToText."""
     auto_map = getattr(config, "auto_map", None) or {}
+    if config.model_type == "emu3":  # its causal-LM class is the text model alone, without the VQ model
+        return AutoModelForImageTextToText
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:
         return AutoModelForCausalLM
     return AutoModelForImageTextToText
@@ -91,6 +99,8 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
     attn = attn_implementation or cfg.attn_implementation
     if is_vision_language(config) and attn == ATTN_NAME:
         attn = packed_attn_implementation()
+    elif config.model_type == "emu3" and attn == ATTN_NAME:  # its VQ model attends bidirectionally, per image
+        attn = emu3_attn_implementation()
     auto = auto_class(config)
     kwargs = dict(config=config, dtype=torch.float32, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     if path is not None and weights and device.type != "meta":
@@ -102,6 +112,8 @@ def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device =
             init_weights(model, seed)  # module by module: the same weights as any sharded build (model/init.py)
             model = model.to(device)
     model.config.get_text_config().use_cache = False  # a VLM's language model reads its own config
+    if config.model_type == "emu3":  # its VQ model is frozen: it tokenizes images (zeropad.model.emu3)
+        model.model.vqmodel.requires_grad_(False)
     return apply_lora(model, cfg.lora) if lora else model
 
 

@@ -11,9 +11,10 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from zeropad.config import Config, ModelConfig
+from zeropad.data.image_targets import image_target_processor
 from zeropad.data.multimodal import load_image_processor
 from zeropad.errors import ZeropadError
-from zeropad.family import is_multimodal
+from zeropad.family import images_are_targets, is_multimodal
 from zeropad.model.load import auto_class, build_model
 from zeropad.model.hf_writer import save_hf_model
 from zeropad.model.lora import merged_for_export
@@ -88,4 +89,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, max_shard_siz
     tokenizer.save_pretrained(out)
     if is_multimodal(model.config):  # Chameleon too: its resize-and-crop processor
         load_image_processor(run, model.config).save_pretrained(out)
+    elif images_are_targets(model.config):  # Emu3: generation reads the image size from it
+        image_target_processor(run, model.config).save_pretrained(out)
     return Export(path, auto_class(model.config).__name__, files)

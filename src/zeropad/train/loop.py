@@ -17,13 +17,15 @@ from zeropad.config import Config
 from zeropad.data.chat import ensure_chat_template
 from zeropad.errors import ConfigError
 from zeropad.data.dataset import SampleReport, load_samples, split_eval, stream_samples
+from zeropad.data.image_targets import ImageTargetCollator, image_target_setup, load_target_samples
 from zeropad.data.multimodal import MultimodalCollator, load_image_processor, load_vision_samples
-from zeropad.family import QWEN_VL, is_multimodal, media_family
+from zeropad.family import QWEN_VL, images_are_targets, is_multimodal, media_family
 from zeropad.model.load import build_model, build_model_config, check_vocab, load_tokenizer
 from zeropad.pack.collate import Pack, collate
 from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
 from zeropad.model.checkpointing import activation_context, apply_checkpointing
 from zeropad.model.compile import compile_layers, compile_stats
+from zeropad.model.emu3 import image_encoder
 from zeropad.model.attention import ATTN_NAME
 from zeropad.model.hf_writer import save_hf_model
 from zeropad.model.lora import apply_lora
@@ -187,7 +189,8 @@ def _prepare_data(cfg: Config, tokenizer, processor=None, model_config=None
     elif cfg.pack.streaming:
         raise ConfigError("pack.streaming is not supported for image data yet: set pack.streaming=false")
     else:
-        load = lambda sources: load_vision_samples(cfg, sources, tokenizer, processor, model_config)  # noqa: E731
+        loader = load_target_samples if images_are_targets(model_config) else load_vision_samples
+        load = lambda sources: loader(cfg, sources, tokenizer, processor, model_config)  # noqa: E731
     eval_samples = load(cfg.eval.sources)[0] if cfg.eval.sources else []
     if cfg.pack.streaming:
         report = SampleReport()
@@ -258,11 +261,15 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     check_packable(model_config)  # a family packing cannot keep exact is refused before any data is read
     _check_sequence_parallel(cfg, model_config)
     check_preference(cfg, is_multimodal(model_config))
-    processor = load_image_processor(cfg, model_config) if is_multimodal(model_config) else None
+    processor = image_target_setup(cfg, model_config)  # Emu3: images in assistant turns are VQ-token targets
+    if processor is None and is_multimodal(model_config):
+        processor = load_image_processor(cfg, model_config)
     loader, eval_samples, report = _prepare_data(cfg, tokenizer, processor, model_config)
     base_model, model, groups, slots = _build_model(cfg, tokenizer, processor, device)
     collate_fn = collate if processor is None else MultimodalCollator(
-        base_model.config, position_rule(base_model), processor, cfg.data.on_bad_sample, report)
+        base_model.config, position_rule(base_model), processor, cfg.data.on_bad_sample, report
+    ) if not images_are_targets(model_config) else ImageTargetCollator(  # Emu3: encodes the pack's images
+        base_model.config, processor, image_encoder(base_model), cfg.data.on_bad_sample, report)
     objective = build_objective(cfg)
     if objective is not None:  # a pair's chosen and rejected answers, two documents of one pack
         collate_fn = collate_pairs
@@ -386,7 +393,8 @@ def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
         model = model.to(device)  # in place: base_model moves too
     groups = apply_freeze(model, cfg.train.freeze)  # before parallelize: DDP/FSDP register trained weights only
     check_vocab(model, tokenizer)
-    if processor is not None and cfg.model.attn_implementation == ATTN_NAME:
+    vlm = processor is not None and not images_are_targets(base_model.config)  # Emu3's packs are plain tokens
+    if vlm and cfg.model.attn_implementation == ATTN_NAME:
         try:  # a VLM design zeropad cannot pack, or a vision backend that would break, stops before any step
             check_attn_implementation(base_model, ulysses.ULYSSES_NAME if cfg.parallel.sp_size > 1 else ATTN_NAME)
         except ValueError as err:
