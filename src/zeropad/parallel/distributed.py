@@ -86,6 +86,14 @@ def all_reduce_sum(value: float | int, device: torch.device) -> float:
     return t.item()
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over ranks (all_reduce, in place; on NCCL it is queued on the device, no host sync);
+    itself in one process."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def data_parallel_mesh(device: torch.device, replicate: int, shard: int | None):
     """The 2-D (replicate, shard) DeviceMesh for HSDP over all ranks; ValueError naming the numbers when they do
     not multiply to the world size."""

@@ -106,8 +106,9 @@ def forward_loss_sum(model, pack: Pack, autocast, loss_chunk_tokens: int | None 
 
 
 def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int | None = None,
-                         num_tokens: int | None = None) -> tuple[float, float]:
-    """Backward over this process's micro-steps of one optimizer step; (token loss, router aux loss).
+                         num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward over this process's micro-steps of one optimizer step; (token loss, router aux loss), this
+    process's shares, as device scalars: nothing is read to the host here (train_step reads the step once).
 
     Each pack's loss sum is divided by the step's total target count (`num_targets`: over all ranks,
     all-reduced; by default this process's packs), so the summed gradient is that of the token mean over
@@ -120,7 +121,7 @@ def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int |
     assert num_targets > 0, "every sample carries at least one target token"
     scale = loss_scale(model)  # DDP averages over ranks; the global mean needs their sum
     device = packs[0].input_ids.device
-    loss_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)  # read once, at the end
+    loss_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)
     if setup.vision is not None:
         setup.vision.plan(packs)
     for i, pack in enumerate(packs):
@@ -133,21 +134,28 @@ def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int |
             ((loss + aux) * scale if scale != 1 else loss + aux).backward()
         loss_total += loss.detach()
         aux_total += aux.detach().to(device)
-    return loss_total.item(), aux_total.item()
+    return loss_total, aux_total
 
 
-def _clip_grad_norm(model, grad_clip: float) -> float:
+def _clip_grad_norm(model, grad_clip: float) -> torch.Tensor:
+    """The gradient norm over all ranks, a device scalar (clipping, if any, scales the gradients on the device)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: a DTensor
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
 def train_step(setup: StepSetup, packs: list[Pack], num_targets: int | None = None,
                num_tokens: int | None = None) -> StepResult:
-    """One optimizer step over this rank's packs; the update is skipped when anything is non-finite."""
+    """One optimizer step over this rank's packs; the update is skipped when anything is non-finite.
+
+    The step reads the device once: its statistics, stacked, in one collective and one `.tolist()`. That read
+    comes before the update, which it decides: the skip stays exact (a non-finite step touches neither the
+    weights nor Adam's moments nor the schedule) at the cost of the device idling while the host launches the
+    update, a few fused kernels (train/optim.py). Deciding on the device instead would need GradScaler's private
+    found_inf protocol in the optimizer and a schedule stepped after the read."""
     loss, aux = accumulate_gradients(setup, packs, num_targets, num_tokens)
-    device = packs[0].input_ids.device
-    loss, aux = distributed.all_reduce_sum(loss, device), distributed.all_reduce_sum(aux, device)  # shares of the mean
-    result = StepResult(loss, aux, _clip_grad_norm(setup.model, setup.grad_clip))
+    shares = distributed.sum_over_ranks(torch.stack([loss, aux]).double())  # each rank's shares of the mean
+    norm = _clip_grad_norm(setup.model, setup.grad_clip)  # global already: not summed over ranks
+    result = StepResult(*torch.cat([shares, norm.detach().double()[None]]).tolist())
     if not result.skipped:
         setup.optimizer.step()
         setup.scheduler.step()
