@@ -1,4 +1,5 @@
-"""A training step reads the device once: its statistics (loss, aux loss, grad norm), in one `.tolist()`.
+"""A training step reads the device once: its statistics (loss, aux loss, grad norm, an MoE's expert load), in one
+`.tolist()`.
 
 Reads are counted with a public torch.overrides.TorchFunctionMode over one `train_step` on CPU, where a read is
 any Tensor method that hands a value to Python (on a GPU each is a host sync). The pack's device copy of its
@@ -13,9 +14,11 @@ from torch.overrides import TorchFunctionMode
 
 from tinymodels import tiny_model
 from zeropad.config import TrainConfig
+from zeropad.data.preference import Pair
 from zeropad.pack.collate import collate
 from zeropad.train.loop import StepSetup, train_step
 from zeropad.train.moe import RouterStats
+from zeropad.train.preference import PreferenceObjective, collate_pairs
 from zeropad.train.optim import build_optimizer, build_scheduler
 from zeropad.verify import random_documents
 
@@ -38,9 +41,11 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _packs(vocab_size: int, host_copy: bool = True):
-    """(packs, their host copies of the boundaries); without `host_copy` the packs' own is their device copy."""
-    packs = [collate(random_documents(vocab_size, lengths, seed=i)) for i, lengths in enumerate([[7, 12, 5], [9, 4]])]
+def _packs(vocab_size: int, host_copy: bool = True, pairs: bool = False):
+    """(packs, their host copies of the boundaries); without `host_copy` the packs' own is their device copy.
+    With `pairs`, documents 2i and 2i+1 are a preference pair's answers."""
+    docs = [random_documents(vocab_size, lengths, seed=i) for i, lengths in enumerate([[7, 12, 5, 6], [9, 4]])]
+    packs = [collate_pairs([Pair(*d[i:i + 2]) for i in range(0, len(d), 2)]) if pairs else collate(d) for d in docs]
     host = [p.cu_seqlens_cpu for p in packs]
     # as after .to(cuda): the device copy is another tensor than the host copy
     device_copies = [p.cu_seqlens.clone() for p in packs]
@@ -48,26 +53,30 @@ def _packs(vocab_size: int, host_copy: bool = True):
             for p, cu in zip(packs, device_copies)], host
 
 
-def _step(model_type: str, chunk_tokens: int | None = None, host_copy: bool = True, hook=None) -> list[str]:
+def _step(model_type: str, chunk_tokens: int | None = None, objective: str | None = None, host_copy: bool = True,
+          hook=None) -> list[str]:
     model = tiny_model(model_type)
     cfg = TrainConfig(grad_clip=1.0)
     optimizer = build_optimizer(model, cfg)
     setup = StepSetup(model, optimizer, build_scheduler(optimizer, cfg), grad_clip=cfg.grad_clip,
-                      loss_chunk_tokens=chunk_tokens, router=RouterStats.attach(model, None))
-    packs, host = _packs(model.config.vocab_size, host_copy)
+                      loss_chunk_tokens=chunk_tokens, router=RouterStats.attach(model, None),
+                      objective=objective and PreferenceObjective(objective, beta=0.1))
+    packs, host = _packs(model.config.vocab_size, host_copy, pairs=objective is not None)
     handle = model.model.norm.register_forward_hook(hook) if hook else None
     with HostReads(host) as mode:
         result = train_step(setup, packs)
     if handle:
         handle.remove()
     assert not result.skipped and result.loss > 0 and result.grad_norm > 0
-    assert (result.aux_loss > 0) == (model_type == "qwen3_moe")
+    moe = model_type == "qwen3_moe"
+    assert (result.aux_loss > 0) == moe and (result.expert_load.get("expert_load_max", 0) > 1) == moe
     return mode.reads
 
 
-@pytest.mark.parametrize("model_type, chunk_tokens", [("qwen3", None), ("qwen3_moe", None), ("qwen3", 8)])
-def test_one_read_per_step(model_type, chunk_tokens):
-    assert _step(model_type, chunk_tokens) == ["tolist"]  # the step's stats, once
+@pytest.mark.parametrize("model_type, chunk_tokens, objective",
+                         [("qwen3", None, None), ("qwen3_moe", None, None), ("qwen3", 8, None), ("qwen3", None, "simpo")])
+def test_one_read_per_step(model_type, chunk_tokens, objective):
+    assert _step(model_type, chunk_tokens, objective) == ["tolist"]  # the step's stats, once
 
 
 def test_the_count_sees_other_reads():

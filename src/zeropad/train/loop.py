@@ -40,7 +40,7 @@ from zeropad.train.fingerprint import run_fingerprint
 from zeropad.train.guard import RunGuard, StopSignals, named_storage_faults
 from zeropad.train.oom import StepMemory
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
-from zeropad.train.moe import RouterStats
+from zeropad.train.moe import RouterStats, load_metrics
 from zeropad.train.preference import PreferenceObjective, attach_reference, build_objective, check_preference, \
     collate_pairs, prepare_pairs
 from zeropad.train.optim import apply_freeze, build_optimizer, build_scheduler, describe_groups, group_lrs
@@ -86,11 +86,13 @@ class StepSetup:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One optimizer step, summed over ranks: token loss, router aux loss, gradient norm."""
+    """One optimizer step, summed over ranks: token loss, router aux loss, gradient norm; an MoE model's expert
+    load (train/moe.load_metrics) over the step's forwards."""
 
     loss: float
     aux_loss: float
     grad_norm: float
+    expert_load: dict[str, float] = field(default_factory=dict)
 
     @property
     def skipped(self) -> bool:
@@ -147,15 +149,19 @@ def train_step(setup: StepSetup, packs: list[Pack], num_targets: int | None = No
                num_tokens: int | None = None) -> StepResult:
     """One optimizer step over this rank's packs; the update is skipped when anything is non-finite.
 
-    The step reads the device once: its statistics, stacked, in one collective and one `.tolist()`. That read
-    comes before the update, which it decides: the skip stays exact (a non-finite step touches neither the
-    weights nor Adam's moments nor the schedule) at the cost of the device idling while the host launches the
-    update, a few fused kernels (train/optim.py). Deciding on the device instead would need GradScaler's private
+    The step reads the device once: its statistics (with an MoE model's expert counts), stacked, in one
+    collective and one `.tolist()`. That read comes before the update, which it decides: the skip stays exact (a
+    non-finite step touches neither the weights nor Adam's moments nor the schedule) at the cost of the device
+    idling while the host launches the update, a few fused kernels (train/optim.py). Deciding on the device instead would need GradScaler's private
     found_inf protocol in the optimizer and a schedule stepped after the read."""
     loss, aux = accumulate_gradients(setup, packs, num_targets, num_tokens)
-    shares = distributed.sum_over_ranks(torch.stack([loss, aux]).double())  # each rank's shares of the mean
+    routed = setup.router.take_counts() if setup.router is not None else None
+    # summed over ranks: each rank's shares of the mean losses, and its expert counts
+    summed = distributed.sum_over_ranks(torch.cat([torch.stack([loss, aux]).double()]
+                                                  + ([routed[1].flatten()] if routed else [])))
     norm = _clip_grad_norm(setup.model, setup.grad_clip)  # global already: not summed over ranks
-    result = StepResult(*torch.cat([shares, norm.detach().double()[None]]).tolist())
+    stats = torch.cat([summed, norm.detach().double()[None]]).tolist()
+    result = StepResult(stats[0], stats[1], stats[-1], load_metrics(routed[0], stats[2:-1]) if routed else {})
     if not result.skipped:
         setup.optimizer.step()
         setup.scheduler.step()
@@ -347,9 +353,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
             record.update({f"lr_{group}": value for group, value in lrs.items()})
         if setup.router is not None:
             record["aux_loss"] = result.aux_loss
-            load = setup.router.expert_load()  # a collective under torchrun: every rank calls it
             if cfg.log.expert_load:
-                record.update(load)
+                record.update(result.expert_load)
         if world > 1:
             record["rank_token_imbalance"] = step_data.assignment.token_imbalance
             record["rank_attention_imbalance"] = step_data.assignment.attention_imbalance
