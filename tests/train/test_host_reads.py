@@ -87,3 +87,19 @@ def test_the_count_sees_other_reads():
 
     assert _step("qwen3", hook=read) == ["item"] * 2 + ["tolist"]
     assert _step("qwen3", host_copy=False) == ["tolist"] * (2 * 2 + 1)  # 2 layers x 2 packs, and the stats
+
+
+def test_a_non_finite_step_changes_nothing():
+    """The one read decides the update: a step whose loss is NaN leaves the weights, Adam's state and the
+    schedule as they were."""
+    model = tiny_model("qwen3")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig()
+    optimizer = build_optimizer(model, cfg)
+    setup = StepSetup(model, optimizer, build_scheduler(optimizer, cfg))
+    handle = model.model.norm.register_forward_hook(lambda module, args, output: output * torch.nan)
+    result = train_step(setup, _packs(model.config.vocab_size)[0])
+    handle.remove()
+    assert result.skipped and not optimizer.state and setup.scheduler.last_epoch == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not train_step(setup, _packs(model.config.vocab_size)[0]).skipped and len(optimizer.state) == len(before)
