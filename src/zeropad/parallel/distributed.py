@@ -78,9 +78,13 @@ def teardown() -> None:
 
 
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
-    """The sum over ranks of a host number, through torch.distributed.all_reduce (float64)."""
+    """The sum over ranks of a host number, through torch.distributed.all_reduce (float64). Where the group has a
+    CPU backend (gloo: on CPU, and beside NCCL as `init` joins on CUDA) the number stays a CPU tensor, so the
+    device is never waited for (each step sums its target count and the stop flag this way); else on `device`."""
     if not is_initialized():
         return value
+    if "cpu:" in dist.get_backend_config():
+        device = torch.device("cpu")
     t = torch.tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item()
