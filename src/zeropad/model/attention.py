@@ -118,8 +118,9 @@ def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -
 
 # Under torch.compile (train.compile) the per-document loop runs as one custom op: dynamo sees neither the
 # host-side boundaries (a .tolist() would break the graph, and a loop over them would recompile per pack)
-# nor the loop. `cu_seqlens` is the host copy (a CPU tensor beside CUDA q/k/v), so reading it syncs nothing. The backward recomputes each document's attention (the same kernels on the same inputs, so
-# the gradients equal eager's) instead of keeping per-document autograd state across the op boundary.
+# nor the loop. `cu_seqlens` is the pack's host copy (a CPU tensor beside CUDA q/k/v): reading it syncs nothing.
+# The backward recomputes each document's attention (the same kernels on the same inputs, so the gradients
+# equal eager's) instead of keeping per-document autograd state across the op boundary.
 @torch.library.custom_op("zeropad::sdpa_per_doc", mutates_args=())
 def sdpa_per_doc_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                     sliding_window: int | None) -> torch.Tensor:
