@@ -77,15 +77,18 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def host_collective_device(device: torch.device) -> torch.device:
+    """Where a collective over host numbers runs: the CPU where the group has a CPU backend (gloo: on CPU, and
+    beside NCCL as `init` joins on CUDA), so the device is never waited for; else `device`."""
+    return torch.device("cpu") if is_initialized() and "cpu:" in dist.get_backend_config() else device
+
+
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
-    """The sum over ranks of a host number, through torch.distributed.all_reduce (float64). Where the group has a
-    CPU backend (gloo: on CPU, and beside NCCL as `init` joins on CUDA) the number stays a CPU tensor, so the
-    device is never waited for (each step sums its target count and the stop flag this way); else on `device`."""
+    """The sum over ranks of a host number, through torch.distributed.all_reduce (float64), on the CPU where the
+    group allows (host_collective_device): each step sums its target count and the stop flag this way."""
     if not is_initialized():
         return value
-    if "cpu:" in dist.get_backend_config():
-        device = torch.device("cpu")
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    t = torch.tensor(float(value), dtype=torch.float64, device=host_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item()
 
