@@ -277,3 +277,11 @@ def test_fused_adamw_equals_foreach(autocast):
         ref = ref_params[name]
         assert (p - ref).abs().max() <= tol * ref.abs().max(), name
     assert max((p - initial[n]).abs().max() for n, p in models[0].named_parameters()) > 1e-2  # far above tol
+    # One state dict format: a checkpoint written by either optimizer resumes the other.
+    saved, ref_saved = fused.state_dict(), foreach.state_dict()
+    assert {i: (s.keys(), [t.shape for t in s.values()]) for i, s in saved["state"].items()} == \
+        {i: (s.keys(), [t.shape for t in s.values()]) for i, s in ref_saved["state"].items()}
+    foreach.load_state_dict(saved)
+    fused.load_state_dict(ref_saved)
+    assert all(torch.equal(foreach.state[p]["exp_avg"], fused_state["exp_avg"]) for p, fused_state in
+               zip((p for g in foreach.param_groups for p in g["params"]), saved["state"].values()))
