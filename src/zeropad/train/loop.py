@@ -160,7 +160,8 @@ def train_step(setup: StepSetup, packs: list[Pack], num_targets: int | None = No
     summed = distributed.sum_over_ranks(torch.cat([torch.stack([loss, aux]).double()]
                                                   + ([routed[1].flatten()] if routed else [])))
     norm = _clip_grad_norm(setup.model, setup.grad_clip)  # global already: not summed over ranks
-    stats = torch.cat([summed, norm.detach().double()[None]]).tolist()
+    # the norm is on the CPU under parallel.cpu_offload (so are the gradients); a non-blocking copy waits for nothing
+    stats = torch.cat([summed, norm.detach().to(summed.device, torch.float64, non_blocking=True)[None]]).tolist()
     result = StepResult(stats[0], stats[1], stats[-1], load_metrics(routed[0], stats[2:-1]) if routed else {})
     if not result.skipped:
         setup.optimizer.step()
