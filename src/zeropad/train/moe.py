@@ -155,7 +155,8 @@ class RouterStats:
         # as load_balancing_loss_func: both means pooled over all routed layers' rows
         logits_LTE = [logits.reshape(-1, logits.shape[-1]).float() for logits in self._logits]
         prob_sum_E = sum(torch.softmax(logits_TE, dim=-1).sum(0) for logits_TE in logits_LTE)
-        num_rows = prob_sum_E.new_tensor(float(sum(logits_TE.shape[0] for logits_TE in logits_LTE)))
+        # new_full, not new_tensor: a fill on the device, where a copy from the host would wait for it
+        num_rows = prob_sum_E.new_full((), float(sum(logits_TE.shape[0] for logits_TE in logits_LTE)))
         sums = torch.cat([prob_sum_E, self._assigned_E.float(), num_rows[None]])
         # sequence parallelism: the pack's sums over its SP group's token ranges; each rank adds 1/K of the loss
         sums = ulysses.group_sum(sums)

@@ -118,7 +118,7 @@ class PreferenceObjective:
         logps_D, counts_D = document_logps(logits_TV, pack.target_ids[0], pack.cu_seqlens)
         losses, chosen, rejected = self.pair_losses(logps_D, counts_D, pack.ref_logps)
         tally = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
-                             chosen.new_tensor(pack.num_pairs)]).detach().double()
+                             chosen.new_full((), pack.num_pairs)]).detach().double()  # a fill: no host copy
         self._stats = tally if self._stats is None else self._stats + tally
         return losses.sum()
 
