@@ -4,7 +4,9 @@
 Reads are counted with a public torch.overrides.TorchFunctionMode over one `train_step` on CPU, where a read is
 any Tensor method that hands a value to Python (on a GPU each is a host sync). The pack's device copy of its
 boundaries is a distinct tensor here (a clone), as it is on a GPU, so that a read of it would count; the one
-read let through is of the pack's host copy (`Pack.cu_seqlens_cpu`), which never leaves the host."""
+read let through is of the pack's host copy (`Pack.cu_seqlens_cpu`), which never leaves the host. Syncs inside
+an op (nonzero, boolean indexing, a blocking copy to the GPU) are no Python read and go uncounted here; the sync
+check of benchmarks/gpu_throughput.py counts those on a GPU."""
 
 import dataclasses
 
