@@ -10,6 +10,10 @@ varlen_attn or flash-attn). Baseline, in the same run: batches of --batch-size d
 to the longest with an attention mask and sdpa, as the Hugging Face Trainer does by default.
 MFU counts model FLOPs of real tokens only (6·N·tokens + causal attention), against the dense
 bf16 peak of the device.
+
+Last, a sync check: a few of zeropad's own training steps (train/loop.train_step, after one to warm up) run
+under torch.cuda.set_sync_debug_mode("warn"), which warns at every operation that makes the host wait for
+the device; the step is meant to have exactly one, the read of its statistics.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -27,7 +32,10 @@ import zeropad.model.attention  # noqa: F401  (registers zeropad_varlen)
 from zeropad.data.chat import Sample
 from zeropad.pack.collate import IGNORE_INDEX, collate
 from zeropad.pack.planner import plan_packs, shuffle_packs
+from zeropad.config import TrainConfig
+from zeropad.train.loop import StepSetup, train_step
 from zeropad.train.metrics import FlopCounter, peak_tflops
+from zeropad.train.optim import build_optimizer, build_scheduler
 
 QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True)
@@ -85,6 +93,32 @@ def run(method: str, model, docs, args, flops: FlopCounter, peak: float) -> dict
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
+def sync_check(model, docs, args, steps: int = 3) -> list[int]:
+    """Host syncs in each of `steps` zeropad training steps (bf16 autocast, grad clipping, fused AdamW), counted
+    as torch's sync debug warnings; the packs are on the device before counting starts."""
+    device = torch.device("cuda")
+    model.set_attn_implementation("zeropad_varlen")
+    cfg = TrainConfig(lr=1e-5, grad_clip=1.0)
+    optimizer = build_optimizer(model, cfg)
+    setup = StepSetup(model, optimizer, build_scheduler(optimizer, cfg), torch.autocast("cuda", dtype=torch.bfloat16),
+                      cfg.grad_clip)
+    plan = plan_packs([len(d) for d in docs], args.max_tokens, seed=1)[: steps + 1]
+    packs = [collate([docs[i] for i in idx]).to(device) for idx in plan]
+    train_step(setup, [packs[0]])  # warm-up: first-call allocations and kernel selection
+    torch.cuda.synchronize()
+    counts = []
+    for pack in packs[1:]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_step(setup, [pack])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=28)
@@ -115,6 +149,9 @@ def main() -> None:
     for r in results:
         print(f"| {r['method']} | {r['steps']} | {r['real']:,} | {r['computed']:,} | {r['real'] / r['computed']:.1%} | "
               f"{r['tok_s']:,.0f} | {r['tok_s'] / base['tok_s']:.2f}x | {r['mfu']:.1%} | {r['peak_gib']:.1f} |")
+    counts = sync_check(model, docs, args)
+    verdict = "as designed" if all(c == 1 for c in counts) else "MORE THAN THE ONE READ OF THE STEP'S STATISTICS"
+    print(f"sync check: host syncs per zeropad training step {counts} (expected 1 each: {verdict})")
 
 
 if __name__ == "__main__":

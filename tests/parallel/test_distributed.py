@@ -29,8 +29,8 @@ SMALL_SHARD = 20_000  # bytes: the tiny model's final/ and export in several fil
 LAUNCH_TIMEOUT_S = 300  # a hang (a rank waiting forever on a dead peer) fails the test instead
 
 
-def _torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+def _torchrun(args: list[str], cwd: Path, nproc: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
 
@@ -58,19 +58,28 @@ def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return _hf_weights(output_dir / "final")
 
 
-@pytest.mark.parametrize("parallel", [
-    {"strategy": "ddp"},
-    {"strategy": "fsdp", "reshard_after_forward": True},
-    {"strategy": "fsdp", "reshard_after_forward": False},
-], ids=["ddp", "fsdp-zero3", "fsdp-zero2"])
-def test_two_ranks_equal_one_process(reference, parallel):
+@pytest.mark.parametrize("parallel, compiled", [
+    ({"strategy": "ddp"}, True),
+    ({"strategy": "fsdp", "reshard_after_forward": True}, False),
+    ({"strategy": "fsdp", "reshard_after_forward": False}, True),
+], ids=["ddp-compiled", "fsdp-zero3", "fsdp-zero2-compiled"])
+def test_two_ranks_equal_one_process(reference, parallel, compiled):
+    """Against the reference (one process, eager). DDP and one FSDP case run train.compile (with dynamo's eager
+    backend, as tests/train/test_compile.py: inductor's C++ build takes minutes here), so compiled layers are
+    tested under both wrappers without a launch of their own."""
     root, one = reference
-    name = "-".join(f"{v}" for v in parallel.values())
+    name = "-".join(f"{v}" for v in parallel.values()) + ("-compiled" if compiled else "")
     out = root / name
     cfg_path = root / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(root, out, grad_accum=2, **parallel)))
-    done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root)
+    cfg = _config(root, out, grad_accum=2, **parallel)
+    cfg["train"]["compile"] = compiled
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    done = _torchrun(["-m", "zeropad", "train", str(cfg_path)], cwd=root, env={"ZEROPAD_COMPILE_BACKEND": "eager"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    if compiled:  # one graph for both layers and every pack, no break
+        assert summary["compile"] == {"graphs": 1, "graph_breaks": 0}, summary["compile"]
 
     expected, got = step_records(one), step_records(out)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
@@ -83,7 +92,6 @@ def test_two_ranks_equal_one_process(reference, parallel):
     assert expected_w.keys() == got_w.keys()
     for key in expected_w:
         assert (expected_w[key] - got_w[key]).abs().max().item() <= 1e-5, key
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
 def test_hsdp_two_replicas_of_two_shards_equal_one_process(reference):

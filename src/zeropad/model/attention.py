@@ -2,7 +2,9 @@
 
 A pack is one flat sequence [1, T] of documents; `cu_seq_lens_q/k` (int32, n_docs+1) and
 `max_length_q/k` (int) describe the document boundaries. They arrive through the model's forward
-kwargs, computed once per pack on the host (pack/collate.py), never per layer.
+kwargs, computed once per pack on the host (pack/collate.py), never per layer. The per-document
+paths loop over the boundaries in Python, so they read `cu_seq_lens_cpu`, the host copy the pack
+keeps: the device copy is for the CUDA kernels, and reading it would sync the device in every layer.
 
 Every argument that changes the result is implemented or refused, never dropped: scaling, sliding
 windows, logit softcapping (`softcap`), attention sinks (`s_aux`, learned per head, with gradient)
@@ -116,8 +118,9 @@ def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -
 
 # Under torch.compile (train.compile) the per-document loop runs as one custom op: dynamo sees neither the
 # host-side boundaries (a .tolist() would break the graph, and a loop over them would recompile per pack)
-# nor the loop. The backward recomputes each document's attention (the same kernels on the same inputs, so
-# the gradients equal eager's) instead of keeping per-document autograd state across the op boundary.
+# nor the loop. `cu_seqlens` is the pack's host copy (a CPU tensor beside CUDA q/k/v): reading it syncs nothing.
+# The backward recomputes each document's attention (the same kernels on the same inputs, so the gradients
+# equal eager's) instead of keeping per-document autograd state across the op boundary.
 @torch.library.custom_op("zeropad::sdpa_per_doc", mutates_args=())
 def sdpa_per_doc_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                     sliding_window: int | None) -> torch.Tensor:
@@ -254,9 +257,12 @@ def varlen_attention_forward(
     cu_seq_lens_k: torch.Tensor | None = None,
     max_length_q: int | None = None,
     max_length_k: int | None = None,
+    cu_seq_lens_cpu: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query/key/value: [1, H, T, D] (value's D may differ, as in MLA); returns ([1, T, H, Dv], None)."""
+    """query/key/value: [1, H, T, D] (value's D may differ, as in MLA); returns ([1, T, H, Dv], None).
+    `cu_seq_lens_cpu`: cu_seq_lens_q on the host (pack/collate.varlen_kwargs); without it the per-document
+    paths read cu_seq_lens_q."""
     unknown = sorted(set(kwargs) - HARMLESS_KWARGS)
     if unknown:
         raise _refuse(module, f"its attention passes {unknown}, which packed attention does not implement")
@@ -274,7 +280,7 @@ def varlen_attention_forward(
         raise _refuse(module, f"{key.shape[2]} keys for {T} queries: a KV cache reached the attention; packs are "
                               "attended whole, so run the model with use_cache=False")
     if cu_seq_lens_q is None:  # a single unpacked document (e.g. generation without packing kwargs)
-        cu_seq_lens_q = torch.tensor([0, T], dtype=torch.int32, device=query.device)
+        cu_seq_lens_q = cu_seq_lens_cpu = torch.tensor([0, T], dtype=torch.int32)
         max_length_q = T
     if not (cu_seq_lens_k is None or cu_seq_lens_k is cu_seq_lens_q or torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
         raise _refuse(module, "different query and key document boundaries (self-attention over packs only)")
@@ -290,15 +296,16 @@ def varlen_attention_forward(
         query, key, value = (x.to(dtype) for x in (query, key, value))
     backend = _backend(query, feats)
     if backend in ("sdpa_per_doc", "explicit_per_doc"):
+        bounds = cu_seq_lens_q if cu_seq_lens_cpu is None else cu_seq_lens_cpu
         if backend == "sdpa_per_doc" and feats.dropout == 0.0 and torch.compiler.is_compiling():
-            out_BHTD = sdpa_per_doc_op(query, key, value, cu_seq_lens_q, feats.scaling, feats.sliding_window)
+            out_BHTD = sdpa_per_doc_op(query, key, value, bounds, feats.scaling, feats.sliding_window)
         else:
             per_doc = _sdpa_per_doc if backend == "sdpa_per_doc" else _explicit_per_doc
-            out_BHTD = _per_doc_eager(per_doc, query, key, value, cu_seq_lens_q, feats)
+            out_BHTD = _per_doc_eager(per_doc, query, key, value, bounds, feats)
         return out_BHTD.transpose(1, 2), None
 
     q_THD, k_THD, v_THD = (x[0].transpose(0, 1) for x in (query, key, value))
-    cu = cu_seq_lens_q.to(torch.int32)
+    cu = cu_seq_lens_q.to(query.device, torch.int32)
     kernel = _flash_attn if backend == "flash_attn" else _torch_varlen
     return kernel(q_THD, k_THD, v_THD, cu, max_length_q, feats).unsqueeze(0), None
 

@@ -30,9 +30,14 @@ def varlen_metadata(doc_lengths: list[int]) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(cu), int(max(doc_lengths))
 
 
-def varlen_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
-    """The varlen keyword arguments transformers forwards to the registered attention function."""
-    return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen)
+def varlen_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int, cu_seqlens_cpu: torch.Tensor | None = None) -> dict:
+    """The varlen keyword arguments transformers forwards to the registered attention function. `cu_seq_lens_cpu`:
+    the same boundaries on the host (default: `cu_seqlens` itself when it is there), for the per-document attention
+    paths, which loop over them in Python: read from a GPU tensor, that would be a device sync in every layer."""
+    if cu_seqlens_cpu is None and cu_seqlens.device.type == "cpu":
+        cu_seqlens_cpu = cu_seqlens
+    return dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen,
+                cu_seq_lens_cpu=cu_seqlens_cpu)
 
 
 def shift_targets(sample: Sample) -> np.ndarray:
@@ -50,28 +55,34 @@ class Pack:
     target_ids: torch.Tensor  # int64 [1, T]: next token inside the document, or IGNORE_INDEX
     cu_seqlens: torch.Tensor  # int32 [n_docs+1]
     max_seqlen: int
-    doc_lengths: list[int]
+    doc_lengths: list[int]  # host data, like max_seqlen: what the step needs of the pack's shape never reads the device
     num_targets: int
     media: dict[str, torch.Tensor] = field(default_factory=dict)  # all documents' media, in document order
     # Preference training (train/preference.py): documents 2i and 2i+1 are pair i's chosen and rejected answers.
     num_pairs: int = 0
     ref_logps: torch.Tensor | None = None  # float32 [n_docs]: the reference model's log-probability sums (DPO)
+    # cu_seqlens as collated, on the host; it stays there when the pack moves to a device (varlen_kwargs)
+    cu_seqlens_cpu: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.cu_seqlens_cpu is None and self.cu_seqlens.device.type == "cpu":
+            self.cu_seqlens_cpu = self.cu_seqlens
 
     @property
     def num_tokens(self) -> int:
-        return int(self.cu_seqlens[-1])
+        return sum(self.doc_lengths)
 
     def to(self, device: torch.device | str) -> Pack:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Pack(move(self.input_ids), move(self.position_ids), move(self.target_ids), move(self.cu_seqlens),
                     self.max_seqlen, self.doc_lengths, self.num_targets,
                     {name: move(t) for name, t in self.media.items()}, self.num_pairs,
-                    None if self.ref_logps is None else move(self.ref_logps))
+                    None if self.ref_logps is None else move(self.ref_logps), self.cu_seqlens_cpu)
 
     def model_inputs(self) -> dict:
         """Keyword arguments for a Hugging Face model's forward: no attention mask, varlen kwargs instead."""
         return dict(input_ids=self.input_ids, position_ids=self.position_ids,
-                    **varlen_kwargs(self.cu_seqlens, self.max_seqlen), **self.media)
+                    **varlen_kwargs(self.cu_seqlens, self.max_seqlen, self.cu_seqlens_cpu), **self.media)
 
 
 def collate(samples: list[Sample], positions: PositionRule | None = None) -> Pack:

@@ -77,13 +77,28 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def host_collective_device(device: torch.device) -> torch.device:
+    """Where a collective over host numbers runs: the CPU where the group has a CPU backend (gloo: on CPU, and
+    beside NCCL as `init` joins on CUDA), so the device is never waited for; else `device`."""
+    return torch.device("cpu") if is_initialized() and "cpu:" in dist.get_backend_config() else device
+
+
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
-    """The sum over ranks of a host number, through torch.distributed.all_reduce (float64)."""
+    """The sum over ranks of a host number, through torch.distributed.all_reduce (float64), on the CPU where the
+    group allows (host_collective_device): each step sums its target count and the stop flag this way."""
     if not is_initialized():
         return value
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    t = torch.tensor(float(value), dtype=torch.float64, device=host_collective_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.item()
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over ranks (all_reduce, in place; on NCCL it is queued on the device, no host sync);
+    itself in one process."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def data_parallel_mesh(device: torch.device, replicate: int, shard: int | None):

@@ -172,7 +172,7 @@ class VisionCalls:
     def plan(self, packs) -> None:
         """Agree with the other ranks on each micro-step's tower calls (a collective: every rank calls it)."""
         calls = torch.tensor([("pixel_values" in p.media) + ("pixel_values_videos" in p.media) for p in packs],
-                             dtype=torch.int64, device=packs[0].input_ids.device)
+                             dtype=torch.int64, device=distributed.host_collective_device(packs[0].input_ids.device))
         dist.all_reduce(calls, op=dist.ReduceOp.MAX)
         self.planned = deque(calls.tolist())
 

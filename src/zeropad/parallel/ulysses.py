@@ -105,8 +105,10 @@ class SequenceParallel:
         """(number of data-parallel groups, this rank's group)."""
         return distributed.world_size() // self.size, distributed.rank() // self.size
 
-    def sizes(self, cu_seqlens: torch.Tensor) -> list[int]:
-        # Every layer of a forward gets the same cu_seqlens tensor: read its total (a host sync on GPUs) once.
+    def sizes(self, cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> list[int]:
+        # Every layer of a forward gets the same boundaries: their total is read once, from the pack's host copy
+        # when there is one (from the device copy it would be a host sync on GPUs).
+        cu_seqlens = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
         if cu_seqlens is not self._cu:
             self._cu, self._sizes = cu_seqlens, token_sizes(int(cu_seqlens[-1]), self.size)
         return self._sizes
@@ -173,7 +175,7 @@ def _slice_decoder_inputs(module, args, kwargs):
     if sp is None:
         return None
     embeds = kwargs["inputs_embeds"]
-    sizes = sp.sizes(kwargs["cu_seq_lens_q"])
+    sizes = sp.sizes(kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_cpu"))
     if embeds.shape[1] != sum(sizes):
         raise ZeropadError(f"{ULYSSES_NAME}: the language model got {embeds.shape[1]} input embeddings for a pack of "
                            f"{sum(sizes)} tokens (a VLM's pack keeps its inputs whole: split_pack(whole_inputs=True))")
@@ -194,7 +196,7 @@ def ulysses_attention_forward(module, query, key, value, attention_mask, s_aux=N
         raise ZeropadError(f"{ULYSSES_NAME} attention runs inside a parallel.sp_size > 1 run only")
     if cu_seq_lens_q is None:
         raise ZeropadError(f"{ULYSSES_NAME}: no cu_seq_lens reached the attention (packs only)")
-    sizes = sp.sizes(cu_seq_lens_q)
+    sizes = sp.sizes(cu_seq_lens_q, kwargs.get("cu_seq_lens_cpu"))
     repeat = sp.size // key.shape[1]
     if repeat > 1:  # fewer KV heads than ranks: each rank gets a copy of its query heads' KV head
         key, value = (x.repeat_interleave(repeat, dim=1) for x in (key, value))

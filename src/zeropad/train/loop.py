@@ -42,7 +42,7 @@ from zeropad.train.fingerprint import run_fingerprint
 from zeropad.train.guard import RunGuard, StopSignals, named_storage_faults
 from zeropad.train.oom import StepMemory
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
-from zeropad.train.moe import RouterStats
+from zeropad.train.moe import RouterStats, load_metrics
 from zeropad.train.preference import PreferenceObjective, attach_reference, build_objective, check_preference, \
     collate_pairs, prepare_pairs
 from zeropad.train.optim import apply_freeze, build_optimizer, build_scheduler, describe_groups, group_lrs
@@ -88,11 +88,13 @@ class StepSetup:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One optimizer step, summed over ranks: token loss, router aux loss, gradient norm."""
+    """One optimizer step, summed over ranks: token loss, router aux loss, gradient norm; an MoE model's expert
+    load (train/moe.load_metrics) over the step's forwards."""
 
     loss: float
     aux_loss: float
     grad_norm: float
+    expert_load: dict[str, float] = field(default_factory=dict)
 
     @property
     def skipped(self) -> bool:
@@ -108,8 +110,9 @@ def forward_loss_sum(model, pack: Pack, autocast, loss_chunk_tokens: int | None 
 
 
 def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int | None = None,
-                         num_tokens: int | None = None) -> tuple[float, float]:
-    """Backward over this process's micro-steps of one optimizer step; (token loss, router aux loss).
+                         num_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward over this process's micro-steps of one optimizer step; (token loss, router aux loss), this
+    process's shares, as device scalars: nothing is read to the host here (train_step reads the step once).
 
     Each pack's loss sum is divided by the step's total target count (`num_targets`: over all ranks,
     all-reduced; by default this process's packs), so the summed gradient is that of the token mean over
@@ -122,7 +125,7 @@ def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int |
     assert num_targets > 0, "every sample carries at least one target token"
     scale = loss_scale(model)  # DDP averages over ranks; the global mean needs their sum
     device = packs[0].input_ids.device
-    loss_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)  # read once, at the end
+    loss_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)
     if setup.vision is not None:
         setup.vision.plan(packs)
     for i, pack in enumerate(packs):
@@ -135,21 +138,33 @@ def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int |
             ((loss + aux) * scale if scale != 1 else loss + aux).backward()
         loss_total += loss.detach()
         aux_total += aux.detach().to(device)
-    return loss_total.item(), aux_total.item()
+    return loss_total, aux_total
 
 
-def _clip_grad_norm(model, grad_clip: float) -> float:
+def _clip_grad_norm(model, grad_clip: float) -> torch.Tensor:
+    """The gradient norm over all ranks, a device scalar (clipping, if any, scales the gradients on the device)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: a DTensor
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
 def train_step(setup: StepSetup, packs: list[Pack], num_targets: int | None = None,
                num_tokens: int | None = None) -> StepResult:
-    """One optimizer step over this rank's packs; the update is skipped when anything is non-finite."""
+    """One optimizer step over this rank's packs; the update is skipped when anything is non-finite.
+
+    The step reads the device once: its statistics (with an MoE model's expert counts), stacked, in one
+    collective and one `.tolist()`. That read comes before the update, which it decides: the skip stays exact (a
+    non-finite step touches neither the weights nor Adam's moments nor the schedule) at the cost of the device
+    idling while the host launches the update, a few fused kernels (train/optim.py). Deciding on the device instead would need GradScaler's private
+    found_inf protocol in the optimizer and a schedule stepped after the read."""
     loss, aux = accumulate_gradients(setup, packs, num_targets, num_tokens)
-    device = packs[0].input_ids.device
-    loss, aux = distributed.all_reduce_sum(loss, device), distributed.all_reduce_sum(aux, device)  # shares of the mean
-    result = StepResult(loss, aux, _clip_grad_norm(setup.model, setup.grad_clip))
+    routed = setup.router.take_counts() if setup.router is not None else None
+    # summed over ranks: each rank's shares of the mean losses, and its expert counts
+    summed = distributed.sum_over_ranks(torch.cat([torch.stack([loss, aux]).double()]
+                                                  + ([routed[1].flatten()] if routed else [])))
+    norm = _clip_grad_norm(setup.model, setup.grad_clip)  # global already: not summed over ranks
+    # the norm is on the CPU under parallel.cpu_offload (so are the gradients); a non-blocking copy waits for nothing
+    stats = torch.cat([summed, norm.detach().to(summed.device, torch.float64, non_blocking=True)[None]]).tolist()
+    result = StepResult(stats[0], stats[1], stats[-1], load_metrics(routed[0], stats[2:-1]) if routed else {})
     if not result.skipped:
         setup.optimizer.step()
         setup.scheduler.step()
@@ -346,9 +361,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
             record.update({f"lr_{group}": value for group, value in lrs.items()})
         if setup.router is not None:
             record["aux_loss"] = result.aux_loss
-            load = setup.router.expert_load()  # a collective under torchrun: every rank calls it
             if cfg.log.expert_load:
-                record.update(load)
+                record.update(result.expert_load)
         if world > 1:
             record["rank_token_imbalance"] = step_data.assignment.token_imbalance
             record["rank_attention_imbalance"] = step_data.assignment.attention_imbalance

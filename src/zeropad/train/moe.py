@@ -37,10 +37,10 @@ are not counted twice. Suffixes: T tokens, E experts, K selected experts per tok
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
-import torch.distributed as dist
 
 from zeropad.parallel import distributed, ulysses
 from zeropad.parallel.sharding import unwrap
@@ -155,7 +155,8 @@ class RouterStats:
         # as load_balancing_loss_func: both means pooled over all routed layers' rows
         logits_LTE = [logits.reshape(-1, logits.shape[-1]).float() for logits in self._logits]
         prob_sum_E = sum(torch.softmax(logits_TE, dim=-1).sum(0) for logits_TE in logits_LTE)
-        num_rows = prob_sum_E.new_tensor(float(sum(logits_TE.shape[0] for logits_TE in logits_LTE)))
+        # new_full, not new_tensor: a fill on the device, where a copy from the host would wait for it
+        num_rows = prob_sum_E.new_full((), float(sum(logits_TE.shape[0] for logits_TE in logits_LTE)))
         sums = torch.cat([prob_sum_E, self._assigned_E.float(), num_rows[None]])
         # sequence parallelism: the pack's sums over its SP group's token ranges; each rank adds 1/K of the loss
         sums = ulysses.group_sum(sums)
@@ -166,22 +167,39 @@ class RouterStats:
         self._clear_forward()
         return loss
 
-    def expert_load(self) -> dict[str, float]:
-        """Per routed layer, over every training forward since the last call: the busiest expert's
-        token count over the mean count (1.0: balanced; E/K: every token to the same K experts).
-        Also `expert_load_max` (the worst layer) and `expert_load_min` (the idlest expert of any
-        layer over its layer's mean; 0.0: an expert got no token). Resets the counts. Under
-        torchrun the counts are summed over ranks: a collective, call it on every rank."""
+    def take_counts(self) -> tuple[list[int], torch.Tensor] | None:
+        """(routed layer numbers, this process's expert counts [L, E] as float64 on the device) over every
+        training forward since the last call, then reset; None when nothing was routed. Nothing is read to the
+        host: the training step sums these over ranks and reads them with its other statistics (train/loop.py)."""
         if not self._load_E:
-            return {}
+            return None
         layers = sorted(self._load_E)
         counts_LE = torch.stack([self._load_E[layer] for layer in layers]).double()
         self._load_E = {}
-        if distributed.is_initialized():
-            dist.all_reduce(counts_LE)
-        share_LE = counts_LE / counts_LE.mean(dim=1, keepdim=True)
-        busiest_L = share_LE.max(dim=1).values
-        metrics = {f"expert_load_max/layer_{layer}": value for layer, value in zip(layers, busiest_L.tolist())}
-        metrics["expert_load_max"] = max(metrics.values())
-        metrics["expert_load_min"] = share_LE.min().item()
-        return metrics
+        return layers, counts_LE
+
+    def expert_load(self) -> dict[str, float]:
+        """`load_metrics` of the counts since the last call (`take_counts`), summed over ranks under torchrun
+        (a collective: call it on every rank); {} when nothing was routed."""
+        taken = self.take_counts()
+        if taken is None:
+            return {}
+        layers, counts_LE = taken
+        return load_metrics(layers, distributed.sum_over_ranks(counts_LE).flatten().tolist())
+
+
+def load_metrics(layers: list[int], counts: list[float]) -> dict[str, float]:
+    """Per routed layer, from the expert counts (host numbers, [L, E] flattened): the busiest expert's token count
+    over the mean count (1.0: balanced; E/K: every token to the same K experts). Also `expert_load_max` (the worst
+    layer) and `expert_load_min` (the idlest expert of any layer over its layer's mean; 0.0: an expert got no
+    token)."""
+    num_experts = len(counts) // len(layers)
+    metrics, idlest = {}, math.inf
+    for i, layer in enumerate(layers):
+        counts_E = counts[i * num_experts:(i + 1) * num_experts]
+        mean = sum(counts_E) / len(counts_E)
+        metrics[f"expert_load_max/layer_{layer}"] = max(counts_E) / mean
+        idlest = min(idlest, min(counts_E) / mean)
+    metrics["expert_load_max"] = max(metrics.values())
+    metrics["expert_load_min"] = idlest
+    return metrics

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,8 @@ def document_logps(logits_TV: torch.Tensor, target_ids_T: torch.Tensor, cu_seqle
     """(log-probability sum of each document's targets [D] fp32, its target count [D]) from the pack's logits."""
     logp_T = -F.cross_entropy(logits_TV.float(), target_ids_T, ignore_index=IGNORE_INDEX, reduction="none")
     lengths_D = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    doc_T = torch.repeat_interleave(torch.arange(len(lengths_D), device=logp_T.device), lengths_D)
+    doc_T = torch.repeat_interleave(torch.arange(len(lengths_D), device=logp_T.device), lengths_D,
+                                    output_size=logp_T.shape[0])  # known on the host: no device sync
     zeros_D = logp_T.new_zeros(len(lengths_D))
     return zeros_D.index_add(0, doc_T, logp_T), zeros_D.index_add(0, doc_T, (target_ids_T != IGNORE_INDEX).float())
 
@@ -92,8 +93,9 @@ class PreferenceObjective:
     beta: float
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
-    # Summed over the pairs seen since the last `metrics` call: chosen reward, rejected reward, correct, pairs.
-    _stats: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    # Summed over the pairs seen since the last `metrics` call: chosen reward, rejected reward, correct, pairs; kept
+    # on the device (None: nothing yet), read once per `metrics` call, not once per pack.
+    _stats: torch.Tensor | None = None
 
     @property
     def needs_reference(self) -> bool:
@@ -115,15 +117,16 @@ class PreferenceObjective:
             logits_TV = model(**pack.model_inputs()).logits.flatten(0, 1)  # a view: a free backward
         logps_D, counts_D = document_logps(logits_TV, pack.target_ids[0], pack.cu_seqlens)
         losses, chosen, rejected = self.pair_losses(logps_D, counts_D, pack.ref_logps)
-        tally = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum()]).tolist()
-        for i, value in enumerate(tally + [pack.num_pairs]):
-            self._stats[i] += value
+        tally = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
+                             chosen.new_full((), pack.num_pairs)]).detach().double()  # a fill: no host copy
+        self._stats = tally if self._stats is None else self._stats + tally
         return losses.sum()
 
     def metrics(self, device: torch.device, prefix: str = "") -> dict[str, float]:
         """Mean rewards, margin and accuracy over the pairs since the last call, all ranks; then reset."""
-        chosen, rejected, correct, pairs = (distributed.all_reduce_sum(v, device) for v in self._stats)
-        self._stats = [0.0, 0.0, 0.0, 0.0]
+        stats = torch.zeros(4, dtype=torch.float64, device=device) if self._stats is None else self._stats
+        chosen, rejected, correct, pairs = distributed.sum_over_ranks(stats).tolist()  # one collective, one read
+        self._stats = None
         pairs = max(pairs, 1.0)
         values = (chosen / pairs, rejected / pairs, (chosen - rejected) / pairs, correct / pairs)
         return {prefix + name: value for name, value in zip(METRICS, values)}
