@@ -11,7 +11,7 @@ from zeropad.model.checkpointing import saved_activation_bytes
 from zeropad.pack.collate import IGNORE_INDEX, collate
 from zeropad.parallel.sharding import unwrap
 from zeropad.train.loop import StepSetup, accumulate_gradients
-from zeropad.train.loss import chunked_cross_entropy_sum, chunked_loss_unsupported, token_loss_sum
+from zeropad.train.loss import chunked_cross_entropy_sum, chunked_loss_unsupported, lm_loss_sum, token_loss_sum
 from zeropad.verify import random_documents
 
 T, H, V = 300, 32, 1000
@@ -141,3 +141,26 @@ def test_logit_softcapping_falls_back_with_a_reason():
     model = tiny_model("qwen3")
     model.config.final_logit_softcapping = 30.0
     assert "final_logit_softcapping" in chunked_loss_unsupported(model)
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 16], ids=["plain", "chunked"])
+def test_lm_head_runs_on_target_rows_only(chunk_tokens):
+    """The pack's target rows: the LM head sees only positions with a target, and loss and gradients equal the
+    head run on every position (prompt positions masked out)."""
+    model = tiny_model("qwen3")
+    pack = collate(random_documents(model.config.vocab_size, [30, 12, 45], seed=3))
+    assert 0 < len(pack.target_rows) == pack.num_targets < pack.num_tokens  # a document's last token has none
+    head_rows = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: head_rows.append(args[0].shape[-2]))
+    results = []
+    for rows in (pack.target_rows, None):
+        model.zero_grad(set_to_none=True)
+        loss = lm_loss_sum(model, pack.model_inputs(), pack.target_ids[0], chunk_tokens, rows)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    if chunk_tokens is None:  # the chunked loss calls the head's weight directly, not the module
+        assert head_rows == [pack.num_targets, pack.num_tokens]
+    (loss_rows, grads_rows), (loss_all, grads_all) = results
+    torch.testing.assert_close(loss_rows, loss_all, rtol=1e-6, atol=0)
+    for name, grad in grads_all.items():
+        torch.testing.assert_close(grads_rows[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

@@ -63,10 +63,16 @@ class Pack:
     ref_logps: torch.Tensor | None = None  # float32 [n_docs]: the reference model's log-probability sums (DPO)
     # cu_seqlens as collated, on the host; it stays there when the pack moves to a device (varlen_kwargs)
     cu_seqlens_cpu: torch.Tensor | None = None
+    # int64 [num_targets]: the positions whose next token is a target, where the loss runs the LM head. Derived
+    # from target_ids whenever they are on the host (so `dataclasses.replace` of the targets renews it); a pack
+    # on a device carries the moved copy, so the loss never finds them with a device sync.
+    target_rows: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.cu_seqlens_cpu is None and self.cu_seqlens.device.type == "cpu":
             self.cu_seqlens_cpu = self.cu_seqlens
+        if self.target_ids.device.type == "cpu":
+            self.target_rows = (self.target_ids[0] != IGNORE_INDEX).nonzero()[:, 0]
 
     @property
     def num_tokens(self) -> int:
@@ -77,7 +83,8 @@ class Pack:
         return Pack(move(self.input_ids), move(self.position_ids), move(self.target_ids), move(self.cu_seqlens),
                     self.max_seqlen, self.doc_lengths, self.num_targets,
                     {name: move(t) for name, t in self.media.items()}, self.num_pairs,
-                    None if self.ref_logps is None else move(self.ref_logps), self.cu_seqlens_cpu)
+                    None if self.ref_logps is None else move(self.ref_logps), self.cu_seqlens_cpu,
+                    move(self.target_rows))
 
     def model_inputs(self) -> dict:
         """Keyword arguments for a Hugging Face model's forward: no attention mask, varlen kwargs instead."""

@@ -106,7 +106,7 @@ class StepResult:
 def forward_loss_sum(model, pack: Pack, autocast, loss_chunk_tokens: int | None = None) -> torch.Tensor:
     """Summed token loss of one pack; with loss_chunk_tokens the [T, V] logits are never built."""
     with autocast:
-        return lm_loss_sum(model, pack.model_inputs(), pack.target_ids[0], loss_chunk_tokens)
+        return lm_loss_sum(model, pack.model_inputs(), pack.target_ids[0], loss_chunk_tokens, pack.target_rows)
 
 
 def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int | None = None,

@@ -189,14 +189,23 @@ def _forward(model: torch.nn.Module, model_inputs: dict, no_logits: torch.Tensor
 
 
 def lm_loss_sum(model: torch.nn.Module, model_inputs: dict, target_ids_T: torch.Tensor,
-                chunk_tokens: int | None = None) -> torch.Tensor:
+                chunk_tokens: int | None = None, target_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Summed token loss of a causal LM on one pack: the plain way (the model's logits), or with
     `chunk_tokens`, the last hidden state through the chunked LM-head loss. `model` may be wrapped
-    (DDP, FSDP2). Run it under the forward's autocast; both ways give the same loss and gradients."""
+    (DDP, FSDP2). Run it under the forward's autocast; both ways give the same loss and gradients.
+
+    `target_rows` (Pack.target_rows), the positions with a target: the LM head runs on those rows only (a
+    prompt's logits have no loss; with assistant-only targets that skips the head on every prompt token), through
+    transformers' public `logits_to_keep` in the plain way, by selecting hidden states in the chunked one."""
+    if target_rows is not None:
+        target_ids_T = target_ids_T[target_rows]
     if chunk_tokens is None:
+        rows = {} if target_rows is None else {"logits_to_keep": target_rows}
         # flatten, not [0]: a view, whose backward is free; select's backward writes a zero [1, T, V] first
-        return token_loss_sum(model(**model_inputs).logits.flatten(0, 1), target_ids_T)
+        return token_loss_sum(model(**model_inputs, **rows).logits.flatten(0, 1), target_ids_T)
     hidden_TH, no_logits = _forward(model, model_inputs, target_ids_T.new_empty(0))
+    if target_rows is not None:
+        hidden_TH = hidden_TH[target_rows]
     fsdp = isinstance(model, FSDPModule)
     if fsdp:
         model.unshard()  # the root holds the LM head; reshard_after_forward=true sharded it after the forward
