@@ -343,8 +343,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
             # before backward; the loss is a mean over target tokens, or over pairs for a preference objective
             num_targets = int(distributed.all_reduce_sum(sum(p.num_pairs or p.num_targets for p in packs), device))
             result = train_step(setup, packs, num_targets, step_data.num_tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        # No device sync for the clock: train_step's one read waits for this step's backward, queued behind the
+        # previous step's update, so from step to step this is the device's period.
         seconds = time.perf_counter() - t0
 
         tokens = step_data.num_tokens  # all ranks
