@@ -11,7 +11,7 @@ to the longest with an attention mask and sdpa, as the Hugging Face Trainer does
 MFU counts model FLOPs of real tokens only (6·N·tokens + causal attention), against the dense
 bf16 peak of the device.
 
-Last, a sync check: a few of zeropad's own training steps (train/loop.train_step, after one to warm up) run
+Last, a sync check: a few of zeropad's own training steps (train/step.train_step, after one to warm up) run
 under torch.cuda.set_sync_debug_mode("warn"), which warns at every operation that makes the host wait for
 the device; the step is meant to have exactly one, the read of its statistics.
 """
@@ -33,7 +33,7 @@ from zeropad.data.chat import Sample
 from zeropad.pack.collate import IGNORE_INDEX, collate
 from zeropad.pack.planner import plan_packs, shuffle_packs
 from zeropad.config import TrainConfig
-from zeropad.train.loop import StepSetup, train_step
+from zeropad.train.step import StepSetup, train_step
 from zeropad.train.metrics import FlopCounter, peak_tflops
 from zeropad.train.optim import build_optimizer, build_scheduler
 

@@ -10,7 +10,7 @@ Run from the repository root (about 3 minutes on a busy two-core CPU machine):
     of --tokens real tokens (random documents of 64-1024 tokens). For each policy: the bytes autograd
     saves for backward during the forward (zeropad.model.checkpointing.saved_activation_bytes:
     saved-tensor hooks, deduplicated by storage, weights excluded), and the forward + backward time
-    (zeropad.train.loop.accumulate_gradients, chunked loss on; best of --repeats after a warm-up).
+    (zeropad.train.step.accumulate_gradients, chunked loss on; best of --repeats after a warm-up).
 
 (b) Loss buffers. The peak of tensor memory allocated while the loss's forward and backward run
     (inputs excluded: the hidden states [T, H] and LM-head weight [V, H] exist before), for the
@@ -43,7 +43,7 @@ import zeropad.model.attention  # noqa: F401  (registers attn_implementation="ze
 from zeropad.config import MemoryConfig
 from zeropad.model.checkpointing import activation_context, apply_checkpointing, saved_activation_bytes
 from zeropad.pack.collate import IGNORE_INDEX, collate
-from zeropad.train.loop import StepSetup, accumulate_gradients
+from zeropad.train.step import StepSetup, accumulate_gradients
 from zeropad.train.loss import chunked_cross_entropy_sum, lm_loss_sum, token_loss_sum
 from zeropad.verify import random_documents
 

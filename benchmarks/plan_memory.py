@@ -27,7 +27,7 @@ from zeropad.model.checkpointing import activation_context, apply_checkpointing,
 from zeropad.pack.collate import collate  # noqa: E402
 from zeropad.plan.arch import arch_of  # noqa: E402
 from zeropad.plan.memory import FRAMEWORK_OVERHEAD, GB, Setup, activations, device_total, plan  # noqa: E402
-from zeropad.train.loop import StepSetup, accumulate_gradients, forward_loss_sum  # noqa: E402
+from zeropad.train.step import StepSetup, accumulate_gradients, forward_loss_sum  # noqa: E402
 from zeropad.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 POLICIES = ["none", "selective", "every:2", "full"]

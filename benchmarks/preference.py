@@ -46,7 +46,7 @@ import zeropad.model.attention  # noqa: E402,F401  (registers zeropad_varlen)
 from zeropad.config import DataConfig, SourceConfig, TrainConfig  # noqa: E402
 from zeropad.data.preference import load_pairs  # noqa: E402
 from zeropad.pack.planner import plan_packs, shuffle_packs  # noqa: E402
-from zeropad.train.loop import StepSetup, train_step  # noqa: E402
+from zeropad.train.step import StepSetup, train_step  # noqa: E402
 from zeropad.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from zeropad.train.preference import PreferenceObjective, collate_pairs, compute_reference  # noqa: E402
 

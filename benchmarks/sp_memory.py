@@ -32,7 +32,7 @@ from zeropad.pack.collate import collate  # noqa: E402
 from zeropad.parallel import distributed, ulysses  # noqa: E402
 from zeropad.plan.arch import arch_of  # noqa: E402
 from zeropad.plan.memory import Setup, activations  # noqa: E402
-from zeropad.train.loop import forward_loss_sum  # noqa: E402
+from zeropad.train.step import forward_loss_sum  # noqa: E402
 from zeropad.verify import random_documents  # noqa: E402
 
 MODEL = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,

@@ -18,7 +18,7 @@ tokenizer (8k vocab) trained here on those records, so nothing is downloaded. Me
                    CPU, smaller packs run faster per token because activations stay in cache:
                    --max-tokens 4096 is ~25% slower per token here), collate,
                    attn_implementation="zeropad_varlen",
-                   zeropad.train.loop.train_step. No pad token enters the model.
+                   zeropad.train.step.train_step. No pad token enters the model.
   zeropad-compiled the same with train.compile (each decoder layer through torch.compile, inductor; only
                    when named in --methods: the compile takes minutes on a CPU, in the warm-up steps).
   padded           what the Hugging Face Trainer does by default: batches of --batch-size samples
@@ -72,7 +72,7 @@ from zeropad.data.dataset import load_samples
 from zeropad.model.compile import compile_layers
 from zeropad.pack.collate import collate
 from zeropad.pack.planner import plan_packs, shuffle_packs
-from zeropad.train.loop import StepSetup, train_step
+from zeropad.train.step import StepSetup, train_step
 from zeropad.train.optim import build_optimizer as zeropad_optimizer
 from zeropad.train.optim import build_scheduler
 

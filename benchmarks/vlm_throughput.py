@@ -22,7 +22,7 @@ method. The vision tower is small against the language model, as in real VLMs (V
 
   zeropad     plan_packs (best-fit, seeded) at --max-tokens real tokens, the MultimodalCollator (decode
               the images, image processor, expand, mRoPE positions per document), text attention
-              zeropad_varlen, vision sdpa; one optimizer step per pack: zeropad.train.loop.train_step
+              zeropad_varlen, vision sdpa; one optimizer step per pack: zeropad.train.step.train_step
               (summed CE / targets, backward, clip, AdamW).
   padded-B    what a stock trainer does: B records per step in a seeded random order, each turned into
               a document by the same code, right-padded to the longest in the batch with an
@@ -81,7 +81,7 @@ from zeropad.data.chat import Sample
 from zeropad.model.vlm import check_attn_implementation, mm_token_type_ids, packed_attn_implementation, position_rule
 from zeropad.pack.collate import collate
 from zeropad.pack.planner import pack_stats, plan_packs, shuffle_packs
-from zeropad.train.loop import StepSetup, train_step
+from zeropad.train.step import StepSetup, train_step
 from zeropad.train.loss import lm_loss_sum
 
 MLLM_DEMO = ALPACA.parent / "mllm_demo.json"

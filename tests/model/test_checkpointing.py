@@ -12,7 +12,7 @@ from zeropad.config import MemoryConfig, build_config
 from zeropad.errors import ConfigError
 from zeropad.model.checkpointing import activation_context, apply_checkpointing, saved_activation_bytes
 from zeropad.pack.collate import collate
-from zeropad.train.loop import StepSetup, accumulate_gradients
+from zeropad.train.step import StepSetup, accumulate_gradients
 from zeropad.train.loss import lm_loss_sum
 from zeropad.verify import random_documents
 

@@ -19,7 +19,7 @@ from zeropad.model.load import build_model
 from zeropad.plan.arch import arch_of
 from zeropad.plan.fit import parse_size, resolve_checkpointing
 from zeropad.plan.memory import GB, Setup, activations, model_states
-from zeropad.train.loop import forward_loss_sum
+from zeropad.train.step import forward_loss_sum
 
 MEDIUM = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=4, head_dim=32)

@@ -10,7 +10,7 @@ from tinymodels import FAMILIES, tiny_model
 from zeropad.model.checkpointing import saved_activation_bytes
 from zeropad.pack.collate import IGNORE_INDEX, collate
 from zeropad.parallel.sharding import unwrap
-from zeropad.train.loop import StepSetup, accumulate_gradients
+from zeropad.train.step import StepSetup, accumulate_gradients
 from zeropad.train.loss import chunked_cross_entropy_sum, chunked_loss_unsupported, lm_loss_sum, token_loss_sum
 from zeropad.verify import random_documents
 

@@ -18,7 +18,7 @@ from tinymodels import tiny_model
 from zeropad.config import TrainConfig
 from zeropad.data.preference import Pair
 from zeropad.pack.collate import collate
-from zeropad.train.loop import StepSetup, train_step
+from zeropad.train.step import StepSetup, train_step
 from zeropad.train.moe import RouterStats
 from zeropad.train.preference import PreferenceObjective, collate_pairs
 from zeropad.train.optim import build_optimizer, build_scheduler

@@ -4,7 +4,7 @@
 
 from tinymodels import tiny_model
 from zeropad.pack.collate import collate
-from zeropad.train.loop import StepSetup, accumulate_gradients
+from zeropad.train.step import StepSetup, accumulate_gradients
 from zeropad.verify import random_documents
 
 

@@ -19,7 +19,8 @@ from zeropad.pack.loader import PackLoader, step_packs
 from zeropad.config import build_config
 from zeropad.data.chat import Sample
 from zeropad.data.preference import Pair
-from zeropad.train.loop import StepSetup, accumulate_gradients, train
+from zeropad.train.loop import train
+from zeropad.train.step import StepSetup, accumulate_gradients
 from zeropad.train.preference import PreferenceObjective, attach_reference, collate_pairs, compute_reference, \
     reference_cache_file
 from tinyrun import read_metrics, step_records

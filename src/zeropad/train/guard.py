@@ -135,7 +135,7 @@ class RunGuard:
                 "its data position does not exist here; resume with the data and packing it was trained with")
 
     def observe(self, record: dict, skipped: bool) -> None:
-        """Count the step; mark it in its metrics record when its update was skipped (loop.StepResult.skipped)."""
+        """Count the step; mark it in its metrics record when its update was skipped (step.StepResult.skipped)."""
         self.position.step = record["step"]
         self.position.tokens_seen += record["tokens"]
         if not skipped:

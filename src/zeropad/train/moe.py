@@ -170,7 +170,7 @@ class RouterStats:
     def take_counts(self) -> tuple[list[int], torch.Tensor] | None:
         """(routed layer numbers, this process's expert counts [L, E] as float64 on the device) over every
         training forward since the last call, then reset; None when nothing was routed. Nothing is read to the
-        host: the training step sums these over ranks and reads them with its other statistics (train/loop.py)."""
+        host: the training step sums these over ranks and reads them with its other statistics (train/step.py)."""
         if not self._load_E:
             return None
         layers = sorted(self._load_E)
