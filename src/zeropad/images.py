@@ -195,10 +195,14 @@ def generate_images(model_dir: str | Path, prompt: str, num: int, out_dir: str |
     levels = sample_images(model, tokenizer, spec, [prompt] * num, temperature, top_k, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pictures = [to_png(image, spec) for image in levels]
+    return save_pictures([to_png(image, spec) for image in levels], out, columns)
+
+
+def save_pictures(pictures: list[Image.Image], out: Path, columns: int) -> list[Path]:
+    """`out`/0000.png, 0001.png, ... and their contact sheet `out`/grid.png, `columns` pictures a row."""
     paths = []
     for i, picture in enumerate(pictures):
         paths.append(out / f"{i:04d}.png")
         picture.save(paths[-1])
-    contact_sheet([pictures[i:i + columns] for i in range(0, num, columns)]).save(out / "grid.png")
+    contact_sheet([pictures[i:i + columns] for i in range(0, len(pictures), columns)]).save(out / "grid.png")
     return paths

@@ -36,11 +36,10 @@ from zeropad.data.chat import Sample, tokenize_conversation
 from zeropad.data.dataset import SampleReport
 from zeropad.data.formats import Text, to_conversation
 from zeropad.data.media_parts import IMAGE_PLACEHOLDER, resolve, with_placeholders
-from zeropad.data.multimodal import load_vision_samples
+from zeropad.data.multimodal import CorruptSkippingCollator, load_vision_samples
 from zeropad.data.vision import BadImageError, image_size, load_image
 from zeropad.errors import ConfigError, DataError
 from zeropad.family import ImageTargets, image_targets, images_are_targets
-from zeropad.pack.collate import Pack, collate
 
 # pixel_values [1, 3, H, W] and image_sizes [1, 2] of one image -> its rows-with-end-of-line token ids
 Encode = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
@@ -181,30 +180,18 @@ def load_target_samples(cfg: Config, sources, tokenizer, processor: Emu3ImagePro
     return load_vision_samples(cfg, sources, tokenizer, processor, model_config, measure=measure)
 
 
-class ImageTargetCollator:
+class ImageTargetCollator(CorruptSkippingCollator):
     """TargetSamples of one pack -> the text Pack: images decoded and encoded, corrupt ones by data.on_bad_sample."""
+
+    corrupt = "a corrupt image"
 
     def __init__(self, config: PretrainedConfig, processor: Emu3ImageProcessor, encode: Encode, on_bad_sample: str,
                  report: SampleReport):
+        super().__init__(None, on_bad_sample, report)
         self.targets, self.processor, self.encode = _targets(config), processor, encode
-        self.on_bad_sample, self.report = on_bad_sample, report
-        self.bad: set[tuple[str, int]] = set()  # (file, record) found corrupt: counted once, skipped every epoch
 
-    def __call__(self, samples: list[TargetSample]) -> Pack:
-        docs = []
-        for sample in samples:
-            if (sample.file, sample.record_no) in self.bad:
-                continue
-            try:
-                docs.append(to_target_doc(sample, self.processor, self.encode, self.targets))
-            except DataError as err:
-                if self.on_bad_sample == "error":
-                    raise
-                self.report.skipped[err.reason] += 1
-                self.bad.add((sample.file, sample.record_no))
-        if not docs:
-            raise DataError(samples[0].file, samples[0].record_no, "every document of this pack has a corrupt image")
-        return collate(docs, None)
+    def to_doc(self, sample: TargetSample) -> Sample:
+        return to_target_doc(sample, self.processor, self.encode, self.targets)
 
 
 def _targets(config) -> ImageTargets:

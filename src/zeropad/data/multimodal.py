@@ -26,7 +26,7 @@ from transformers import AutoImageProcessor, ChameleonImageProcessorPil, Pretrai
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from zeropad.config import Config
-from zeropad.data.chat import ensure_chat_template
+from zeropad.data.chat import Sample, ensure_chat_template
 from zeropad.data.dataset import BadSamplesError, SamplePolicy, SampleReport, weighted_copies
 from zeropad.data.kimi_image import Kimi_K25ImageProcessorPil, limit_kimi_pixels, names_kimi_processor
 from zeropad.data.sources import iter_records
@@ -139,30 +139,45 @@ def _measure(record: dict, source, cfg: Config, tokenizer, processor, model_conf
     return VisionSample(conversation, length, source.path, record_no)
 
 
-class MultimodalCollator:
-    """VisionSamples of one pack -> Pack: decode the images and frames, run the processor, expand, pack with the
-    family's position rule (zeropad.model.vlm.position_rule)."""
+class CorruptSkippingCollator:
+    """Samples of one pack -> Pack through `to_doc`; a document whose media turn out corrupt when decoded is
+    handled by data.on_bad_sample: raised, or counted once in the report and skipped every epoch after."""
 
-    def __init__(self, config: PretrainedConfig, positions: PositionRule, processor, on_bad_sample: str,
-                 report: SampleReport):
-        self.config, self.positions, self.processor = config, positions, processor
-        self.on_bad_sample, self.report = on_bad_sample, report
+    corrupt = "a corrupt image or video"
+
+    def __init__(self, positions: PositionRule | None, on_bad_sample: str, report: SampleReport):
+        self.positions, self.on_bad_sample, self.report = positions, on_bad_sample, report
         self.bad: set[tuple[str, int]] = set()  # (file, record) found corrupt: counted once, skipped every epoch
 
-    def __call__(self, samples: list[VisionSample]) -> Pack:
+    def to_doc(self, sample):
+        raise NotImplementedError
+
+    def __call__(self, samples) -> Pack:
         docs = []
         for sample in samples:
             if (sample.file, sample.record_no) in self.bad:
                 continue
             try:
-                docs.append(to_vision_doc(sample.conversation, self.processor, self.config,
-                                          file=sample.file, record_no=sample.record_no))
+                docs.append(self.to_doc(sample))
             except DataError as err:
                 if self.on_bad_sample == "error":
                     raise
                 self.report.skipped[err.reason] += 1
                 self.bad.add((sample.file, sample.record_no))
         if not docs:
-            raise DataError(samples[0].file, samples[0].record_no,
-                            "every document of this pack has a corrupt image or video")
+            raise DataError(samples[0].file, samples[0].record_no, f"every document of this pack has {self.corrupt}")
         return collate(docs, self.positions)
+
+
+class MultimodalCollator(CorruptSkippingCollator):
+    """VisionSamples of one pack -> Pack: decode the images and frames, run the processor, expand, pack with the
+    family's position rule (zeropad.model.vlm.position_rule)."""
+
+    def __init__(self, config: PretrainedConfig, positions: PositionRule, processor, on_bad_sample: str,
+                 report: SampleReport):
+        super().__init__(positions, on_bad_sample, report)
+        self.config, self.processor = config, processor
+
+    def to_doc(self, sample: VisionSample) -> Sample:
+        return to_vision_doc(sample.conversation, self.processor, self.config, file=sample.file,
+                             record_no=sample.record_no)

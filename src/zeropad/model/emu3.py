@@ -29,7 +29,7 @@ from zeropad.data.chat import ensure_chat_template
 from zeropad.data.image_targets import Encode, code_grid
 from zeropad.errors import ConfigError
 from zeropad.family import ImageTargets, image_targets
-from zeropad.images import contact_sheet, inference
+from zeropad.images import inference, save_pictures
 from zeropad.model.attention import ATTN_NAME
 from zeropad.model.load import auto_class, emu3_attn_implementation
 
@@ -149,9 +149,4 @@ def generate_emu3_images(model_dir: str | Path, prompt: str, num: int, out_dir: 
                                   guidance_scale, negative_prompt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, picture in enumerate(pictures):
-        paths.append(out / f"{i:04d}.png")
-        picture.save(paths[-1])
-    contact_sheet([pictures[i:i + columns] for i in range(0, num, columns)]).save(out / "grid.png")
-    return paths
+    return save_pictures(pictures, out, columns)
