@@ -72,6 +72,7 @@ from zeropad.data.dataset import load_samples
 from zeropad.model.compile import compile_layers
 from zeropad.pack.collate import collate
 from zeropad.pack.planner import plan_packs, shuffle_packs
+from zeropad.train.host_alloc import keep_freed_memory
 from zeropad.train.step import StepSetup, train_step
 from zeropad.train.optim import build_optimizer as zeropad_optimizer
 from zeropad.train.optim import build_scheduler
@@ -535,6 +536,7 @@ def main() -> None:
         sys.exit(f"throughput.py: the Alpaca sample is missing: expected {ALPACA} "
                  "(the shared/data folder beside the repository root)")
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `zeropad train` does on a CPU; every method here (TRL's too) shares this allocator
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.no_trl:
         methods = [m for m in methods if not m.startswith("trl")]

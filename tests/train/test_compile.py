@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from tinyrun import step_records
 from zeropad.config import build_config
-from zeropad.model.attention import sdpa_per_doc_op
+from zeropad.model.attention import cpu_flash_per_doc
 from zeropad.train.loop import train
 
 
@@ -21,7 +21,7 @@ def test_the_attention_op_is_registered_consistently(window):
     q = torch.randn(1, 12, 4, 8).transpose(1, 2).requires_grad_()
     k, v = (torch.randn(1, 12, 2, 8).transpose(1, 2).requires_grad_() for _ in range(2))
     cu = torch.tensor([0, 3, 10, 12], dtype=torch.int32)
-    torch.library.opcheck(sdpa_per_doc_op, (q, k, v, cu, 0.3, window))
+    torch.library.opcheck(cpu_flash_per_doc, (q, k, v, cu, 0.3, window))
 
 
 def test_compiled_training_equals_eager(tiny_run, monkeypatch):

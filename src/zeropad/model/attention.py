@@ -12,8 +12,8 @@ and dropout. Any other keyword must be on `HARMLESS_KWARGS`; anything else stops
 family and the argument named.
 
 Backends, by availability and by what they implement: flash-attn varlen (CUDA, if installed:
-softcap, windows, dropout), torch's varlen_attn (CUDA: windows), per-document SDPA (CPU, and
-plain attention everywhere else), and explicit per-document scores (softcap and sinks where no
+softcap, windows, dropout), torch's CPU flash kernel per document (CPU: windows), per-document SDPA
+(dropout, and plain attention everywhere else), and explicit per-document scores (softcap and sinks where no
 kernel has them; O(L^2) memory per document). Tensor suffixes: B batch (=1), H heads, T tokens,
 D head dim.
 """
@@ -59,7 +59,7 @@ class _Features:
     dropout: float
 
 
-def _backend(query: torch.Tensor, feats: _Features) -> str:
+def _backend(query: torch.Tensor, value: torch.Tensor, feats: _Features) -> str:
     # The CUDA varlen kernels take fp16/bf16 only; fp32 runs (and CPUs) compute per document.
     if query.device.type == "cuda" and query.dtype in (torch.float16, torch.bfloat16) and feats.sinks is None:
         if _HAS_FLASH_ATTN:
@@ -69,6 +69,8 @@ def _backend(query: torch.Tensor, feats: _Features) -> str:
             return "torch_varlen"
     if feats.softcap is not None or feats.sinks is not None:
         return "explicit_per_doc"
+    if query.device.type == "cpu" and feats.dropout == 0.0 and value.shape[-1] == query.shape[-1]:
+        return "cpu_flash"  # (the kernel takes one head dim: MLA's narrower values go to SDPA)
     return "sdpa_per_doc"
 
 
@@ -116,53 +118,90 @@ def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -
     return torch.cat(outs, dim=2)
 
 
-# Under torch.compile (train.compile) the per-document loop runs as one custom op: dynamo sees neither the
-# host-side boundaries (a .tolist() would break the graph, and a loop over them would recompile per pack)
-# nor the loop. `cu_seqlens` is the pack's host copy (a CPU tensor beside CUDA q/k/v): reading it syncs nothing.
-# The backward recomputes each document's attention (the same kernels on the same inputs, so the gradients
-# equal eager's) instead of keeping per-document autograd state across the op boundary.
-@torch.library.custom_op("zeropad::sdpa_per_doc", mutates_args=())
-def sdpa_per_doc_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
-    feats = _Features(scaling=scale, sliding_window=sliding_window, softcap=None, sinks=None, dropout=0.0)
-    return _sdpa_per_doc(q, k, v, cu_seqlens.tolist(), feats)
+# The CPU path: torch's CPU flash-attention kernel per document (per run of equal lengths), forward and backward,
+# as one custom op. One op serves eager and train.compile alike: dynamo sees neither the host-side boundaries (a
+# .tolist() would break the graph, and a loop over them would recompile per pack) nor the loop. The forward keeps
+# each document's output and logsumexp, as SDPA's own autograd does, so the backward is the kernel's backward
+# alone: no recomputed forward. Outputs and gradients are laid out [1, T, H, D] in memory (the kernel writes each
+# document that way), so the reshape the attention module does next is free. `cu_seqlens` is the pack's host copy.
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-@sdpa_per_doc_op.register_fake
-def _(q, k, v, cu_seqlens, scale, sliding_window):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
-@torch.library.custom_op("zeropad::sdpa_per_doc_backward", mutates_args=())
-def _sdpa_per_doc_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           cu_seqlens: torch.Tensor, scale: float, sliding_window: int | None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    feats = _Features(scaling=scale, sliding_window=sliding_window, softcap=None, sinks=None, dropout=0.0)
+def _doc_batches(cu_seqlens: torch.Tensor, sliding_window: int | None, dtype, *tensors: torch.Tensor):
+    """Per run of equal-length documents: (count, [count, H, n, ...] views of each [1, H, T, ...] tensor (a
+    logsumexp [1, H, T] too), additive window mask or None); each tensor is cut with one split (see _sdpa_per_doc)."""
     bounds = cu_seqlens.tolist()
-    _, vjp = torch.func.vjp(lambda *qkv: _sdpa_per_doc(*qkv, bounds, feats), q, k, v)
-    return tuple(g.contiguous() for g in vjp(grad))  # the strides the fake below promises
+    runs = _runs([end - start for start, end in zip(bounds[:-1], bounds[1:])])
+    sizes = [count * n for count, n in runs]
+    for (count, n), *parts in zip(runs, *(x.split(sizes, dim=2) for x in tensors)):
+        window = sliding_window if sliding_window is not None and sliding_window < n else None
+        mask = None if window is None else torch.zeros(n, n, dtype=dtype, device=parts[0].device).masked_fill_(
+            ~_window_mask(n, window, parts[0].device), float("-inf"))  # the kernel takes additive masks only
+        yield count, [x.unflatten(2, (count, n)).transpose(1, 2).flatten(0, 1) for x in parts], mask
 
 
-@_sdpa_per_doc_backward.register_fake
-def _(grad, q, k, v, cu_seqlens, scale, sliding_window):
-    return tuple(x.new_empty(x.shape) for x in (q, k, v))
+def _pack_tokens(parts: list[torch.Tensor], lse: bool = False) -> torch.Tensor:
+    """[count, H, n, D] pieces -> [1, H, T, D], laid out [1, T, H, D] ([count, H, n] -> [1, H, T] for logsumexps)."""
+    if lse:
+        return torch.cat([x.transpose(0, 1).flatten(1, 2) for x in parts], dim=1)[None]
+    return torch.cat([x.transpose(1, 2).flatten(0, 1) for x in parts], dim=0)[None].transpose(1, 2)
+
+
+def _tokens_major(x: torch.Tensor, width: int) -> torch.Tensor:
+    """An empty [1, H, T, width] laid out [1, T, H, width], as _pack_tokens returns."""
+    return x.new_empty((1, x.shape[2], x.shape[1], width)).transpose(1, 2)
+
+
+@torch.library.custom_op("zeropad::cpu_flash_per_doc", mutates_args=())
+def cpu_flash_per_doc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                      sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention per document: ([1, H, T, Dv] output, [1, H, T] logsumexp)."""
+    outs, lses = [], []
+    for _, (qd, kd, vd), mask in _doc_batches(cu_seqlens, sliding_window, q.dtype, q, k, v):
+        out, lse = _cpu_flash(qd, kd, vd, 0.0, mask is None, attn_mask=mask, scale=scale)
+        outs.append(out)
+        lses.append(lse)
+    return _pack_tokens(outs), _pack_tokens(lses, lse=True)
+
+
+@cpu_flash_per_doc.register_fake
+def _(q, k, v, cu_seqlens, scale, sliding_window):
+    lse = q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
+    return _tokens_major(q, v.shape[-1]), lse
+
+
+@torch.library.custom_op("zeropad::cpu_flash_per_doc_backward", mutates_args=())
+def _cpu_flash_per_doc_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                                sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = []
+    for _, (gd, qd, kd, vd, od, lse_d), mask in _doc_batches(cu_seqlens, sliding_window, q.dtype,
+                                                             grad, q, k, v, out, lse):
+        grads.append(_cpu_flash_backward(gd, qd, kd, vd, od, lse_d, 0.0, mask is None, attn_mask=mask, scale=scale))
+    return tuple(_pack_tokens(list(g)) for g in zip(*grads))
+
+
+@_cpu_flash_per_doc_backward.register_fake
+def _(grad, q, k, v, out, lse, cu_seqlens, scale, sliding_window):
+    return tuple(_tokens_major(x, x.shape[-1]) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.scale, ctx.sliding_window = inputs[4:]
+    q, k, v, cu_seqlens, ctx.scale, ctx.sliding_window = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
 
 
-def _backward(ctx, grad):
-    dq, dk, dv = _sdpa_per_doc_backward(grad, *ctx.saved_tensors, ctx.scale, ctx.sliding_window)
+def _backward(ctx, grad, _grad_lse):
+    dq, dk, dv = _cpu_flash_per_doc_backward(grad, *ctx.saved_tensors, ctx.scale, ctx.sliding_window)
     return dq, dk, dv, None, None, None
 
 
-sdpa_per_doc_op.register_autograd(_backward, setup_context=_setup_context)
+cpu_flash_per_doc.register_autograd(_backward, setup_context=_setup_context)
 
 
-# What runs per document without the op under torch.compile (dropout's mask, softcap, sinks): eagerly, as one
-# graph break, rather than traced and specialised on each pack's boundaries.
+# What runs per document without the op (dropout, softcap, sinks; fp32 on a GPU): eagerly, and under torch.compile
+# as one graph break, rather than traced and specialised on each pack's boundaries.
 @torch.compiler.disable
 def _per_doc_eager(per_doc, q_BHTD, k_BHTD, v_BHTD, cu_seqlens: torch.Tensor, feats: _Features) -> torch.Tensor:
     return per_doc(q_BHTD, k_BHTD, v_BHTD, cu_seqlens.tolist(), feats)
@@ -294,11 +333,11 @@ def varlen_attention_forward(
         # Under autocast, q/k leave fp32-weight norms (e.g. Qwen3's q_norm) in fp32 while v is bf16.
         dtype = torch.get_autocast_dtype("cuda")
         query, key, value = (x.to(dtype) for x in (query, key, value))
-    backend = _backend(query, feats)
-    if backend in ("sdpa_per_doc", "explicit_per_doc"):
+    backend = _backend(query, value, feats)
+    if backend in ("cpu_flash", "sdpa_per_doc", "explicit_per_doc"):
         bounds = cu_seq_lens_q if cu_seq_lens_cpu is None else cu_seq_lens_cpu
-        if backend == "sdpa_per_doc" and feats.dropout == 0.0 and torch.compiler.is_compiling():
-            out_BHTD = sdpa_per_doc_op(query, key, value, bounds, feats.scaling, feats.sliding_window)
+        if backend == "cpu_flash":
+            out_BHTD, _ = cpu_flash_per_doc(query, key, value, bounds, feats.scaling, feats.sliding_window)
         else:
             per_doc = _sdpa_per_doc if backend == "sdpa_per_doc" else _explicit_per_doc
             out_BHTD = _per_doc_eager(per_doc, query, key, value, bounds, feats)

@@ -3,8 +3,9 @@
 Each decoder layer is compiled in place (`Module.compile`, so parameter names and state dicts stay those of
 the Hugging Face model), after LoRA and activation checkpointing (a checkpointed layer is compiled with its
 checkpoint, which dynamo traces as one region) and before DDP/FSDP wrapping. The embeddings, the loss and
-everything between layers stay eager. Packed attention runs inside the compiled layers as one custom op
-(model/attention.py), so the varlen boundaries never break the graph.
+everything between layers stay eager. Packed attention runs inside the compiled layers: on a CPU as one custom op
+(model/attention.py), so the varlen boundaries never break the graph; on a GPU the varlen kernels (fp32 on a GPU, and
+dropout, softcap or sinks anywhere, run per document as one graph break).
 
 Every pack has its own length and document count: layers are compiled with dynamic shapes from the start, so
 a new pack length reuses the graph instead of recompiling. The compiles are counted (`compile_stats`) and the

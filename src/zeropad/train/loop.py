@@ -39,6 +39,7 @@ from zeropad.train.loss import loss_chunking
 from zeropad import storage
 from zeropad.train import preflight
 from zeropad.train.fingerprint import run_fingerprint
+from zeropad.train.host_alloc import keep_freed_memory
 from zeropad.train.guard import RunGuard, StopSignals, named_storage_faults
 from zeropad.train.oom import StepMemory
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
@@ -147,6 +148,8 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     main, world, rank = distributed.is_main(), distributed.world_size(), distributed.rank()
     output_dir = Path(cfg.output_dir)
     preflight.check(cfg)  # writable, with room for what the run writes: refused before any compute
+    if device.type == "cpu":
+        keep_freed_memory()  # each step's large buffers reuse the last step's pages (train/host_alloc.py)
     _seed_everything(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
