@@ -36,8 +36,13 @@ labels), the same model weights, sdpa attention, AdamW with the same hyperparame
 MFU: real tokens/s (median step) x the model's training FLOPs per real token (6 x every Linear's parameters,
 LM head included, plus causal attention's two matmuls per document; pad positions count nothing) over this
 CPU's fp32 matmul peak, measured in the same run before and after the methods (the best of 2048 x 2048
-matmuls; the higher of the two). zeropad's own number is what `zeropad train` runs by default: the chunked
+matmuls; the higher of the two). A VM's speed drifts with its neighbours' load within a run, so a second
+figure takes each timed step's FLOP/s over the peak sampled right after it (the best of two such matmuls,
+off the step's clock) and reports the median over steps. zeropad's own number is what `zeropad train` runs by default: the chunked
 loss (memory.loss_chunk_tokens), per-document attention, AdamW.
+
+The process keeps freed host memory for reuse (zeropad/train/host_alloc.py, as `zeropad train` on a CPU), which
+every method here shares, TRL's included.
 
 Each method runs --warmup untimed steps, then timed optimizer steps until --seconds have passed
 (or exactly --steps when given). "real tokens" counts the tokens of the samples; "computed" the
@@ -48,6 +53,7 @@ tokens over the timed wall-clock seconds (data collation, forward, backward, cli
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -111,6 +117,8 @@ class Result:
     note: str = ""
     data_seconds: list[float] = field(default_factory=list)  # per timed step: waiting for the batch (zeropad)
     step_seconds: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)  # real tokens of each timed step
+    step_peaks: list[float] = field(default_factory=list)  # the matmul peak sampled right after each timed step
 
     @property
     def ok(self) -> bool:
@@ -129,6 +137,12 @@ class Result:
         """Mean real tokens per step over the median step time: robust to load spikes from other
         processes on a shared machine, which inflate a few steps of one method."""
         return self.real_tokens / self.steps / statistics.median(self.step_seconds)
+
+    def median_step_mfu(self, per_token: float) -> float:
+        """The median over steps of each step's model FLOP/s over the peak sampled right after it: on a machine
+        whose speed drifts (a VM's neighbours), each step against what the CPU could do at that moment."""
+        return statistics.median(n * per_token / (t * peak)
+                                 for n, t, peak in zip(self.step_tokens, self.step_seconds, self.step_peaks))
 
 
 @dataclass
@@ -156,11 +170,11 @@ def model_flops(model, lengths) -> Flops:
     return Flops((6 * matmul * lengths.sum() + attention) / lengths.sum(), matmul)
 
 
-def matmul_peak(threads: int, size: int = 2048, reps: int = 8) -> float:
+def matmul_peak(threads: int, size: int = 2048, reps: int = 8, warmup: int = 2) -> float:
     """This CPU's fp32 matmul FLOP/s now: the best of `reps` size x size matmuls."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    for _ in range(2):
+    a, b = _peak_operands(size)
+    for _ in range(warmup):
         a @ b
     best = math.inf
     for _ in range(reps):
@@ -168,6 +182,11 @@ def matmul_peak(threads: int, size: int = 2048, reps: int = 8) -> float:
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best
+
+
+@functools.cache
+def _peak_operands(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(size, size), torch.randn(size, size)
 
 
 # ---------------------------------------------------------------- data and model (shared)
@@ -241,6 +260,8 @@ class Meter:
             r = self.result
             r.steps, r.seconds = r.steps + 1, r.seconds + seconds
             r.step_seconds.append(seconds)
+            r.step_tokens.append(real)
+            r.step_peaks.append(matmul_peak(torch.get_num_threads(), reps=2, warmup=0))  # off the step's clock
             r.real_tokens, r.computed_tokens = r.real_tokens + real, r.computed_tokens + computed
         self.done += 1
 
@@ -287,7 +308,7 @@ class ZeropadStepper(Stepper):
         self.optimizer, self.scheduler = build_optimizer(self.model, len(plan))
         self.packs = _cycle(plan)
         self.meter.result.note = (f"packs of <= {args.max_tokens} real tokens (BFD, {len(plan)} packs/epoch), "
-                                  "zeropad_varlen (per-document SDPA on CPU), chunked loss (the default)"
+                                  "zeropad_varlen (the CPU flash kernel per document), chunked loss (the default)"
                                   + (", train.compile" if compiled else ""))
 
     def train_one(self) -> tuple[int, int]:
@@ -425,7 +446,7 @@ def table(results: list[Result], flops: Flops) -> str:
     base = next((r for r in results if r.method == "padded" and r.ok), None)
     trls = [r for r in results if r.ok and r.method.startswith("trl")]
     head = ("method", "steps", "real tokens", "computed", "fill", "seconds", "real tok/s", "vs padded",
-            "median-step tok/s", "vs padded (median)", "MFU (median step)")
+            "median-step tok/s", "vs padded (median)", "MFU (median step)", "MFU (peak beside each step)")
     rows = []
     for r in results:
         if not r.ok:
@@ -435,11 +456,15 @@ def table(results: list[Result], flops: Flops) -> str:
         median_ratio = f"{r.median_tokens_per_s / base.median_tokens_per_s:.2f}x" if base else "-"
         rows.append((r.method, str(r.steps), f"{r.real_tokens:,}", f"{r.computed_tokens:,}", f"{100 * r.fill:.1f}%",
                      f"{r.seconds:.1f}", f"{r.tokens_per_s:,.0f}", ratio, f"{r.median_tokens_per_s:,.0f}",
-                     median_ratio, f"{100 * flops.mfu(r.median_tokens_per_s):.1f}%"))
+                     median_ratio, f"{100 * flops.mfu(r.median_tokens_per_s):.1f}%",
+                     f"{100 * r.median_step_mfu(flops.per_token):.1f}%"))
     out = markdown(head, rows)
     out.append(f"MFU: {flops.per_token / 1e6:.1f} MFLOP of matmul work per real token (6 x {flops.matmul_params / 1e6:.2f}M "
                f"matmul parameters + causal attention) over this CPU's fp32 matmul peak measured in the same run, "
-               f"{flops.peak / 1e9:.1f} GFLOP/s (best of 2048 x 2048 matmuls, {flops.threads} threads, before and after)")
+               f"{flops.peak / 1e9:.1f} GFLOP/s (best of 2048 x 2048 matmuls, {flops.threads} threads, before and after); "
+               f"beside each step: each step's FLOP/s over the best of two such matmuls right after it (median over steps; "
+               f"sampled peaks {min(p for r in results for p in r.step_peaks) / 1e9:.0f}-"
+               f"{max(p for r in results for p in r.step_peaks) / 1e9:.0f} GFLOP/s)")
     zp = next((r for r in results if r.method == "zeropad" and r.ok), None)
     out.append("")
     if zp and base:
@@ -491,16 +516,18 @@ def run_once(samples, state_dict, tokenizer, methods: list[str], args, work_dir:
 
 def summary(runs: list[tuple[list[Result], Flops]]) -> str:
     """Medians over the runs of each method's median-step tok/s, MFU, and ratios taken within each run."""
-    head = ("method", "runs", "median-step tok/s", "MFU", "vs padded", "vs best TRL")
+    head = ("method", "runs", "median-step tok/s", "MFU (run's peak)", "MFU (peak beside each step)", "vs padded",
+            "vs best TRL")
     rows = []
     for method in [r.method for r in runs[0][0]]:
-        tok, mfu, vs_padded, vs_trl = [], [], [], []
+        tok, mfu, step_mfu, vs_padded, vs_trl = [], [], [], [], []
         for results, flops in runs:
             r = next(x for x in results if x.method == method)
             if not r.ok:
                 continue
             tok.append(r.median_tokens_per_s)
             mfu.append(flops.mfu(r.median_tokens_per_s))
+            step_mfu.append(r.median_step_mfu(flops.per_token))
             base = next((x for x in results if x.method == "padded" and x.ok), None)
             trls = [x.median_tokens_per_s for x in results if x.ok and x.method.startswith("trl")]
             if base:
@@ -509,7 +536,7 @@ def summary(runs: list[tuple[list[Result], Flops]]) -> str:
                 vs_trl.append(r.median_tokens_per_s / max(trls))
         med = lambda xs, fmt: fmt.format(statistics.median(xs)) if xs else "-"  # noqa: E731
         rows.append((method, str(len(tok)), med(tok, "{:,.0f}"), med([100 * m for m in mfu], "{:.1f}%"),
-                     med(vs_padded, "{:.2f}x"), med(vs_trl, "{:.2f}x")))
+                     med([100 * m for m in step_mfu], "{:.1f}%"), med(vs_padded, "{:.2f}x"), med(vs_trl, "{:.2f}x")))
     return "\n".join(markdown(head, rows))
 
 

@@ -329,9 +329,10 @@ def varlen_attention_forward(
         dropout=dropout if module.training else 0.0,
     )
 
-    if query.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        # Under autocast, q/k leave fp32-weight norms (e.g. Qwen3's q_norm) in fp32 while v is bf16.
-        dtype = torch.get_autocast_dtype("cuda")
+    if torch.is_autocast_enabled(query.device.type):
+        # Under autocast, q/k leave fp32-weight norms (e.g. Qwen3's q_norm) in fp32 while v is bf16; the kernels
+        # (and the CPU one's custom op, which autocast does not reach) take one dtype, autocast's, as SDPA would.
+        dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = (x.to(dtype) for x in (query, key, value))
     backend = _backend(query, value, feats)
     if backend in ("cpu_flash", "sdpa_per_doc", "explicit_per_doc"):

@@ -254,10 +254,10 @@ def activations(a: Arch, setup: Setup, tokens: int) -> list[Component]:
                     f"{local}KiB/token/layer: {full / 1024:.2f} full, {kept}"
                     + ("" if setup.chunked_loss else "; incl. T x V fp32 log-softmax"))]
     if p.autocast:
-        # autocast caches a bf16 copy of each weight it casts until the forward ends; the experts
-        # (grouped_mm) and the chunked loss's LM head cast nothing through it.
+        # autocast caches a bf16 copy of each weight it casts, once per optimizer step (train/step.py); the
+        # experts (grouped_mm) and the chunked loss's LM head cast nothing through it.
         cast = a.num_matmul_params - a.num_expert_params - (a.num_head_params if setup.chunked_loss else 0)
-        rows.append(Component("autocast bf16 weight copies", 2.0 * cast, note="held through forward"))
+        rows.append(Component("autocast bf16 weight copies", 2.0 * cast, note="held through the step"))
     if setup.chunked_loss:
         chunk = min(T, setup.loss_chunk_tokens)
         # A chunk's logits and the log-sum-exp temporary (forward), or its gradient (backward).

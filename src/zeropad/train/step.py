@@ -78,16 +78,21 @@ def accumulate_gradients(setup: StepSetup, packs: list[Pack], num_targets: int |
     loss_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)
     if setup.vision is not None:
         setup.vision.plan(packs)
-    for i, pack in enumerate(packs):
-        with gradient_sync(model, enabled=i == len(packs) - 1), setup.activations:
-            if setup.objective is None:
-                loss = forward_loss_sum(model, pack, setup.autocast, setup.loss_chunk_tokens) / num_targets
-            else:
-                loss = setup.objective.loss_sum(model, pack, setup.autocast) / num_targets
-            aux = router.pack_aux_loss() * (pack.num_tokens / num_tokens) if router else torch.zeros((), device=device)
-            ((loss + aux) * scale if scale != 1 else loss + aux).backward()
-        loss_total += loss.detach()
-        aux_total += aux.detach().to(device)
+    # bf16: autocast casts each fp32 weight once per optimizer step, not once per micro-step. Its cache of casts
+    # lives until the outermost autocast context exits; this one (autocast off: backward runs outside autocast)
+    # spans the micro-steps, so later forwards, and checkpointed layers' recomputes, reuse the first's bf16 copies.
+    # It exits before the update, which the copies must not outlive.
+    with torch.autocast(device.type, enabled=False):
+        for i, pack in enumerate(packs):
+            with gradient_sync(model, enabled=i == len(packs) - 1), setup.activations:
+                if setup.objective is None:
+                    loss = forward_loss_sum(model, pack, setup.autocast, setup.loss_chunk_tokens) / num_targets
+                else:
+                    loss = setup.objective.loss_sum(model, pack, setup.autocast) / num_targets
+                aux = router.pack_aux_loss() * (pack.num_tokens / num_tokens) if router else torch.zeros((), device=device)
+                ((loss + aux) * scale if scale != 1 else loss + aux).backward()
+            loss_total += loss.detach()
+            aux_total += aux.detach().to(device)
     return loss_total, aux_total
 
 
