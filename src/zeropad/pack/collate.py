@@ -79,12 +79,19 @@ class Pack:
         return sum(self.doc_lengths)
 
     def to(self, device: torch.device | str) -> Pack:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Pack(move(self.input_ids), move(self.position_ids), move(self.target_ids), move(self.cu_seqlens),
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Pack:
+        """The pack in page-locked host memory, so that `to(cuda)` copies it without blocking the host."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> Pack:
+        # the host copy of the boundaries stays where it is (varlen_kwargs)
+        return Pack(fn(self.input_ids), fn(self.position_ids), fn(self.target_ids), fn(self.cu_seqlens),
                     self.max_seqlen, self.doc_lengths, self.num_targets,
-                    {name: move(t) for name, t in self.media.items()}, self.num_pairs,
-                    None if self.ref_logps is None else move(self.ref_logps), self.cu_seqlens_cpu,
-                    move(self.target_rows))
+                    {name: fn(t) for name, t in self.media.items()}, self.num_pairs,
+                    None if self.ref_logps is None else fn(self.ref_logps), self.cu_seqlens_cpu,
+                    fn(self.target_rows))
 
     def model_inputs(self) -> dict:
         """Keyword arguments for a Hugging Face model's forward: no attention mask, varlen kwargs instead."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -74,6 +76,10 @@ class StepPacks:
     num_tokens: int  # real tokens of the whole step, all ranks
     doc_lengths: list[int]  # document lengths of the whole step, all ranks (for FLOPs)
     assignment: RankAssignment
+    # the loader's position (epoch, packs done) before and after this step's packs: what a checkpoint saves, read
+    # here rather than from the loader, which a prefetching worker has moved on
+    start: tuple[int, int] = (0, 0)
+    end: tuple[int, int] = (0, 0)
 
 
 def step_packs(loader: PackLoader | StreamingPackLoader, micro_steps: int, world_size: int = 1,
@@ -88,6 +94,7 @@ def step_packs(loader: PackLoader | StreamingPackLoader, micro_steps: int, world
     stream = loader.pack_samples()
     groups = world_size // sp_size
     while True:
+        start = (loader.epoch, loader.index)
         step_docs = [next(stream) for _ in range(groups * micro_steps)]
         # a preference pair (data/preference.py) is one planning unit but two documents: count each document
         lengths = [[len(d) for s in docs for d in getattr(s, "docs", (s,))] for docs in step_docs]
@@ -97,7 +104,60 @@ def step_packs(loader: PackLoader | StreamingPackLoader, micro_steps: int, world
             num_tokens=sum(map(sum, lengths)),
             doc_lengths=[n for doc in lengths for n in doc],
             assignment=assignment,
+            start=start,
+            end=(loader.epoch, loader.index),
         )
+
+
+class Prefetch:
+    """The next item of `items` built on a background thread while the caller works on the current one: the next
+    step's packs are planned, collated (a VLM's images processed) and pinned while the device runs this step.
+
+    At most `depth` items wait ready, and one more is built behind them, so the loader runs up to two steps ahead
+    of training (each step carries its own data position). An error the items raise reaches the caller when it
+    takes that item, as it would without the thread; `close` stops the worker."""
+
+    def __init__(self, items: Iterator, prepare: Callable | None = None, depth: int = 1):
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, args=(items, prepare), name="zeropad-prefetch", daemon=True)
+        self._worker.start()
+
+    def _work(self, items: Iterator, prepare: Callable | None) -> None:
+        try:
+            for item in items:
+                if self._stop.is_set() or not self._put(prepare(item) if prepare else item):
+                    return
+            self._put(_Failed(StopIteration()))
+        except BaseException as err:  # noqa: BLE001  (handed to the consumer, raised there)
+            self._put(_Failed(err))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self):
+        item = self._ready.get()
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 def eval_packs(samples: list[Sample], max_tokens: int, collate_fn: Callable = collate) -> list[Pack]:

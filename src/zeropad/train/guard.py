@@ -69,7 +69,9 @@ class RunGuard:
         self.consecutive_bad = 0
         self.data: dict | None = None  # the run's data fingerprint (train/fingerprint.py), saved with each checkpoint
         self.data_note: dict | None = None  # resumed on changed data: the choice, for metrics.jsonl
-        self.step_start = (loader.epoch, loader.index)  # the data position before the running step
+        # the data position before and after the running (or last) step's packs: the loader itself runs ahead,
+        # taken by the worker that prefetches the next step (pack/loader.Prefetch)
+        self.step_start = self.step_end = (loader.epoch, loader.index)
 
     def resume(self) -> int:
         """Restore the state `resume:` asks for; the step the run continues after (0 when fresh).
@@ -113,7 +115,7 @@ class RunGuard:
         if distributed.is_main():
             supersede_newer(root, self.position.step, self.say)
         self.loader.epoch, self.loader.index = self.position.epoch, self.position.index
-        self.step_start = (self.position.epoch, self.position.index)
+        self.step_start = self.step_end = (self.position.epoch, self.position.index)
         self.saved_step = self.position.step
         if distributed.is_main():  # rank 0 alone writes metrics.jsonl
             _trim_metrics(self.output_dir / "metrics.jsonl", self.position.step)
@@ -169,7 +171,10 @@ class RunGuard:
         if stop_now:
             raise Preempted(f"{self.stop.requested} after step {step}: checkpoint saved to {self.checkpoint_path()}",
                             str(self.checkpoint_path()))
-        self.step_start = (self.loader.epoch, self.loader.index)
+
+    def taking(self, start: tuple[int, int], end: tuple[int, int]) -> None:
+        """The step under way took the packs from data position `start` to `end` (pack/loader.StepPacks)."""
+        self.step_start, self.step_end = start, end
 
     def finish(self) -> None:
         """The end-of-run checkpoint; stop signals get their usual meaning back."""
@@ -182,7 +187,7 @@ class RunGuard:
         taken from the loader) but has changed no weights, so the data position is the one it started from."""
         if self.saved_step == self.position.step:
             return
-        at = self.step_start if before_step else (self.loader.epoch, self.loader.index)
+        at = self.step_start if before_step else self.step_end
         self.position.epoch, self.position.index = at
         self.position.world_size, self.position.grad_accum = distributed.world_size(), self.cfg.train.grad_accum
         self.position.sp_size = self.cfg.parallel.sp_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -22,7 +23,7 @@ from zeropad.data.multimodal import MultimodalCollator, load_image_processor, lo
 from zeropad.family import QWEN_VL, images_are_targets, is_multimodal, media_family
 from zeropad.model.load import build_model, build_model_config, check_vocab, load_tokenizer
 from zeropad.pack.collate import collate
-from zeropad.pack.loader import PackLoader, StreamingPackLoader, eval_packs, step_packs
+from zeropad.pack.loader import PackLoader, Prefetch, StepPacks, StreamingPackLoader, eval_packs, step_packs
 from zeropad.model.checkpointing import activation_context, apply_checkpointing
 from zeropad.model.compile import compile_layers, compile_stats
 from zeropad.model.emu3 import image_encoder
@@ -211,56 +212,62 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     peak = peak_tflops(device, cfg.log.peak_tflops)
 
     memory = StepMemory(cfg, model, optimizer, guard, device)
-    steps_iter = step_packs(loader, cfg.train.grad_accum, world, rank, collate_fn, cfg.parallel.sp_size)
+    # the next step's packs are built (on a GPU also pinned) on a background thread while this step runs
+    steps_iter = Prefetch(step_packs(loader, cfg.train.grad_accum, world, rank, collate_fn, cfg.parallel.sp_size),
+                          _pinned if device.type == "cuda" else None)
     result, eval_loss = StepResult(math.nan, math.nan, math.nan), None
     stop.arm()
-    for step in range(start + 1, cfg.train.steps + 1):
-        t0 = time.perf_counter()
-        step_data = next(steps_iter)
-        lr, lrs = setup.scheduler.get_last_lr()[0], group_lrs(optimizer)
-        with memory.step(step, [p.num_tokens for p in step_data.packs]):  # OOM: named, last good state saved
-            storage.inject("step", step)
-            packs = [p.to(device) for p in step_data.packs]
-            data_s = time.perf_counter() - t0  # waiting for this step's packs: planning, collation, device copy
-            # before backward; the loss is a mean over target tokens, or over pairs for a preference objective
-            num_targets = int(distributed.all_reduce_sum(sum(p.num_pairs or p.num_targets for p in packs), device))
-            result = train_step(setup, packs, num_targets, step_data.num_tokens)
-        # No device sync for the clock: train_step's one read waits for this step's backward, queued behind the
-        # previous step's update, so from step to step this is the device's period.
-        seconds = time.perf_counter() - t0
+    try:
+        for step in range(start + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            step_data = next(steps_iter)
+            guard.taking(step_data.start, step_data.end)
+            lr, lrs = setup.scheduler.get_last_lr()[0], group_lrs(optimizer)
+            with memory.step(step, [p.num_tokens for p in step_data.packs]):  # OOM: named, last good state saved
+                storage.inject("step", step)
+                packs = [p.to(device) for p in step_data.packs]
+                data_s = time.perf_counter() - t0  # waiting for this step's packs: planning, collation, device copy
+                # before backward; the loss is a mean over target tokens, or over pairs for a preference objective
+                num_targets = int(distributed.all_reduce_sum(sum(p.num_pairs or p.num_targets for p in packs), device))
+                result = train_step(setup, packs, num_targets, step_data.num_tokens)
+            # No device sync for the clock: train_step's one read waits for this step's backward, queued behind the
+            # previous step's update, so from step to step this is the device's period.
+            seconds = time.perf_counter() - t0
 
-        tokens = step_data.num_tokens  # all ranks
-        record = {
-            "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": tokens,
-            "target_tokens" if objective is None else "pairs": num_targets, "tokens_per_s": tokens / seconds,
-            "pad_fraction": 0.0,  # no pad token ever enters the model
-            "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * (world // cfg.parallel.sp_size)),
-            "epoch": loader.epoch, "data_s": data_s,
-        }
-        if objective is not None:
-            record.update(objective.metrics(device))
-        if len(lrs) > 1:
-            record.update({f"lr_{group}": value for group, value in lrs.items()})
-        if setup.router is not None:
-            record["aux_loss"] = result.aux_loss
-            if cfg.log.expert_load:
-                record.update(result.expert_load)
-        if world > 1:
-            record["rank_token_imbalance"] = step_data.assignment.token_imbalance
-            record["rank_attention_imbalance"] = step_data.assignment.attention_imbalance
-        record["tflops"] = flops(step_data.doc_lengths) / seconds / world / 1e12  # per device
-        if peak:
-            record["mfu"] = record["tflops"] / peak
-        if device.type == "cuda":
-            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if eval_set and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens,
-                                                       objective)
-            record.update(objective.metrics(device, "eval_") if objective is not None else {})
-        guard.observe(record, result.skipped)
-        logger.log(record)
-        progress.update(result.loss, record["tokens_per_s"], record["pad_fraction"], record.get("rewards/accuracy"))
-        guard.end_step(step)  # checkpoint when due; on SIGTERM/SIGINT or too many bad steps, also stop
+            tokens = step_data.num_tokens  # all ranks
+            record = {
+                "step": step, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens": tokens,
+                "target_tokens" if objective is None else "pairs": num_targets, "tokens_per_s": tokens / seconds,
+                "pad_fraction": 0.0,  # no pad token ever enters the model
+                "budget_fill": tokens / (cfg.pack.max_tokens * len(packs) * (world // cfg.parallel.sp_size)),
+                "epoch": step_data.end[0], "data_s": data_s,
+            }
+            if objective is not None:
+                record.update(objective.metrics(device))
+            if len(lrs) > 1:
+                record.update({f"lr_{group}": value for group, value in lrs.items()})
+            if setup.router is not None:
+                record["aux_loss"] = result.aux_loss
+                if cfg.log.expert_load:
+                    record.update(result.expert_load)
+            if world > 1:
+                record["rank_token_imbalance"] = step_data.assignment.token_imbalance
+                record["rank_attention_imbalance"] = step_data.assignment.attention_imbalance
+            record["tflops"] = flops(step_data.doc_lengths) / seconds / world / 1e12  # per device
+            if peak:
+                record["mfu"] = record["tflops"] / peak
+            if device.type == "cuda":
+                record["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if eval_set and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                eval_loss = record["eval_loss"] = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens,
+                                                           objective)
+                record.update(objective.metrics(device, "eval_") if objective is not None else {})
+            guard.observe(record, result.skipped)
+            logger.log(record)
+            progress.update(result.loss, record["tokens_per_s"], record["pad_fraction"], record.get("rewards/accuracy"))
+            guard.end_step(step)  # checkpoint when due; on SIGTERM/SIGINT or too many bad steps, also stop
+    finally:
+        steps_iter.close()
     guard.finish()
     progress.close()
 
@@ -270,6 +277,10 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
                     **(objective.metrics(device, "eval_") if objective is not None else {})})
     logger.close()
     return _save_final(cfg, model, tokenizer, processor, logger, guard, report, result.loss, eval_loss)
+
+
+def _pinned(step_data: StepPacks) -> StepPacks:
+    return dataclasses.replace(step_data, packs=[p.pin_memory() for p in step_data.packs])
 
 
 def _build_model(cfg: Config, tokenizer, processor, device: torch.device):
