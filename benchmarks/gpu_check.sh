@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of zeropad in one run, for a short lease on a CUDA machine (about 6 minutes on one H200):
+# Every GPU check of zeropad in one run, for a short lease on a CUDA machine (about 7 minutes on one H200):
 # the cpu_offload test, the bf16 exactness of the CUDA attention kernels, cpu_offload's memory and speed, and
 # packed throughput / MFU. Logs go to $OUT (default gpu_out/). Packages the machine lacks can be put as wheels
 # in .wheels/ beforehand (they are installed with --no-deps, offline).
@@ -18,4 +18,6 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests/parallel/test_cpu_offload.py 2>&1 | tail -20 | tee "$OUT/tests.log"
 timeout 120 $PY benchmarks/cuda_exactness.py 2>&1 | grep -v "^\[transformers\]" | tail -12 | tee "$OUT/exactness.log"
 timeout 200 $PY benchmarks/cpu_offload.py 2>&1 | tail -12 | tee "$OUT/cpu_offload.log"
-timeout 200 $PY benchmarks/gpu_throughput.py --steps 8 --warmup 2 2>&1 | tail -14 | tee "$OUT/throughput.log"
+# issue 16's configuration: 16k-token packs; zeropad's own step (chunked loss), then with train.compile
+timeout 330 $PY benchmarks/gpu_throughput.py --max-tokens 16384 --steps 8 --warmup 3 \
+  --methods padded,zeropad-step,zeropad-compiled 2>&1 | tail -14 | tee "$OUT/throughput.log"
