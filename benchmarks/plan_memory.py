@@ -55,8 +55,9 @@ def _cpu_row(name: str, model_type: str, overrides: dict, precision: str, policy
     setup = Setup(precision=precision, checkpointing=policy, backend="cpu", chunked_loss=chunk is not None,
                   loss_chunk_tokens=chunk or 1)
     rows = {r.name: r.device for r in activations(arch_of(model), setup, tokens)}
-    # autocast's weight copies are saved tensors too (all of them when no module is wrapped)
-    predicted = rows[f"activations ({policy})"] + rows.get("autocast bf16 weight copies", 0)
+    # saved for backward as the activations are: autocast's weight copies, the chunked loss's head gradient
+    predicted = (rows[f"activations ({policy})"] + rows.get("autocast bf16 weight copies", 0)
+                 + rows.get("LM-head gradient (chunked loss)", 0))
     loss = f"chunked {chunk}" if chunk else "plain"
     return (f"| {name} | {precision} | {policy} | {loss} | {tokens} | {predicted / 1e6:.3f} MB "
             f"| {measured / 1e6:.3f} MB | {(predicted - measured) / measured:+.1%} |")

@@ -69,7 +69,7 @@ class Setup:
     offload_activations: bool = False
     chunked_loss: bool = False
     loss_chunk_tokens: int = 1024
-    backend: str = "cuda"  # cuda: flash/varlen attention; cpu: per-document SDPA
+    backend: str = "cuda"  # the attention path, for the report (cuda: flash/varlen; cpu: the CPU flash kernel); same bytes
     grad_accum: int = 1
     replicate: int = 1  # HSDP: the devices form `replicate` groups; states are sharded within a group
     sp_size: int = 1  # sequence parallelism: the devices that share one pack, each holding 1/sp_size of it
@@ -144,7 +144,7 @@ def _rmsnorm(width: int, rows: int, in_bytes: int) -> int:
     return 4 * width + 4 * rows + in_bytes * width
 
 
-def layer_bytes_per_token(a: Arch, p: Precision, backend: str, moe: bool, sp_size: int = 1) -> tuple[dict, dict]:
+def layer_bytes_per_token(a: Arch, p: Precision, moe: bool, sp_size: int = 1) -> tuple[dict, dict]:
     """Bytes autograd saves per (device-local) token in one decoder layer, without checkpointing: (the
     attention block and the norms around it, the MLP module)."""
     c, r = p.compute, p.residual
@@ -159,13 +159,12 @@ def layer_bytes_per_token(a: Arch, p: Precision, backend: str, moe: bool, sp_siz
     if a.qk_norm:
         attn["q/k norms"] = _rmsnorm(nq, a.num_heads, c) + _rmsnorm(nkv, a.num_kv_heads, c)
     # RoPE saves only cos/sin (once per forward). Attention saves q, k, v, its output and a fp32
-    # log-sum-exp per head; the per-document SDPA output is re-laid out for o_proj (one more copy),
-    # while the flash/varlen output is o_proj's input as is.
+    # log-sum-exp per head; every kernel's output (the CPU one's too, laid out [T, H, D]) is o_proj's input as is.
     # Under SP the same bytes, head-scattered (T x H/K per device); a rank attends whole KV heads, repeated
     # when there are fewer than K, and o_proj saves the returning all-to-all's output.
     kv_attended = max(a.num_kv_heads, sp_size) * a.head_dim if sp_size > 1 else nkv
     attn["attention q, k, v, out, lse"] = (2 * nq + 2 * kv_attended) * c + 4 * a.num_heads
-    attn["o_proj input"] = nq * c if backend == "cpu" or sp_size > 1 else 0
+    attn["o_proj input"] = nq * c if sp_size > 1 else 0
     attn["mlp norm"] = _rmsnorm(H, 1, r)
     if moe:
         k = a.experts_per_token
@@ -220,7 +219,7 @@ def per_layer_bytes(a: Arch, setup: Setup) -> tuple[float, float]:
     p = PRECISIONS[setup.precision]
     totals = []
     for moe in (False, True):
-        attn, mlp = layer_bytes_per_token(a, p, setup.backend, moe, setup.sp_size)
+        attn, mlp = layer_bytes_per_token(a, p, moe, setup.sp_size)
         if setup.checkpointing == "selective":  # the MLP keeps its input, the mlp norm's output
             wrapped = sum(attn.values()) + a.hidden * max(p.param, p.residual)
         else:
