@@ -129,7 +129,7 @@ _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def _doc_batches(cu_seqlens: torch.Tensor, sliding_window: int | None, dtype, *tensors: torch.Tensor):
-    """Per run of equal-length documents: (count, [count, H, n, ...] views of each [1, H, T, ...] tensor (a
+    """Per run of `count` equal-length documents: ([count, H, n, ...] views of each [1, H, T, ...] tensor (a
     logsumexp [1, H, T] too), additive window mask or None); each tensor is cut with one split (see _sdpa_per_doc)."""
     bounds = cu_seqlens.tolist()
     runs = _runs([end - start for start, end in zip(bounds[:-1], bounds[1:])])
@@ -138,7 +138,7 @@ def _doc_batches(cu_seqlens: torch.Tensor, sliding_window: int | None, dtype, *t
         window = sliding_window if sliding_window is not None and sliding_window < n else None
         mask = None if window is None else torch.zeros(n, n, dtype=dtype, device=parts[0].device).masked_fill_(
             ~_window_mask(n, window, parts[0].device), float("-inf"))  # the kernel takes additive masks only
-        yield count, [x.unflatten(2, (count, n)).transpose(1, 2).flatten(0, 1) for x in parts], mask
+        yield [x.unflatten(2, (count, n)).transpose(1, 2).flatten(0, 1) for x in parts], mask
 
 
 def _pack_tokens(parts: list[torch.Tensor], lse: bool = False) -> torch.Tensor:
@@ -158,7 +158,7 @@ def cpu_flash_per_doc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention per document: ([1, H, T, Dv] output, [1, H, T] logsumexp)."""
     outs, lses = [], []
-    for _, (qd, kd, vd), mask in _doc_batches(cu_seqlens, sliding_window, q.dtype, q, k, v):
+    for (qd, kd, vd), mask in _doc_batches(cu_seqlens, sliding_window, q.dtype, q, k, v):
         out, lse = _cpu_flash(qd, kd, vd, 0.0, mask is None, attn_mask=mask, scale=scale)
         outs.append(out)
         lses.append(lse)
@@ -176,8 +176,8 @@ def _cpu_flash_per_doc_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Te
                                 out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                                 sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = []
-    for _, (gd, qd, kd, vd, od, lse_d), mask in _doc_batches(cu_seqlens, sliding_window, q.dtype,
-                                                             grad, q, k, v, out, lse):
+    for (gd, qd, kd, vd, od, lse_d), mask in _doc_batches(cu_seqlens, sliding_window, q.dtype,
+                                                          grad, q, k, v, out, lse):
         grads.append(_cpu_flash_backward(gd, qd, kd, vd, od, lse_d, 0.0, mask is None, attn_mask=mask, scale=scale))
     return tuple(_pack_tokens(list(g)) for g in zip(*grads))
 
