@@ -52,7 +52,7 @@ def _cpu_row(name: str, model_type: str, overrides: dict, precision: str, policy
     pack = make_pack(tokens, model.config.vocab_size, doc_tokens=tokens // 3 + 1)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     measured = saved_activation_bytes(lambda: forward_loss_sum(model, pack, autocast, chunk), model.parameters())
-    setup = Setup(precision=precision, checkpointing=policy, backend="cpu", chunked_loss=chunk is not None,
+    setup = Setup(precision=precision, checkpointing=policy, chunked_loss=chunk is not None,
                   loss_chunk_tokens=chunk or 1)
     rows = {r.name: r.device for r in activations(arch_of(model), setup, tokens)}
     # saved for backward as the activations are: autocast's weight copies, the chunked loss's head gradient

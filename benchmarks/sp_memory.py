@@ -63,7 +63,7 @@ def measure(tokens: int, run: str, sp: ulysses.SequenceParallel | None) -> dict:
     local = ulysses.split_pack(pack, rank, size) if sp else pack
     no_autocast = torch.autocast("cpu", enabled=False)
     measured = saved_activation_bytes(lambda: forward_loss_sum(model, local, no_autocast, chunk), model.parameters())
-    setup = Setup(precision="fp32", checkpointing=policy, backend="cpu", chunked_loss=chunk is not None,
+    setup = Setup(precision="fp32", checkpointing=policy, chunked_loss=chunk is not None,
                   loss_chunk_tokens=chunk or 1, sp_size=size)
     predicted = {r.name: r.device for r in activations(arch_of(model), setup, tokens)}[f"activations ({policy})"]
     return {"run": run, "sp_size": size, "rank": rank, "tokens": tokens, "rank_tokens": local.input_ids.shape[1],

@@ -91,7 +91,7 @@ def _measured_and_predicted(overrides: dict, policy: str, tokens: int, chunk: in
     pack = _pack(tokens, model.config.vocab_size)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     measured = saved_activation_bytes(lambda: forward_loss_sum(model, pack, autocast, chunk), model.parameters())
-    setup = Setup(precision=precision, checkpointing=policy, backend="cpu", chunked_loss=chunk is not None,
+    setup = Setup(precision=precision, checkpointing=policy, chunked_loss=chunk is not None,
                   loss_chunk_tokens=chunk or 1)
     rows = {r.name: r.device for r in activations(arch_of(model), setup, tokens)}
     # autocast's bf16 weight copies are saved tensors too (with no wrapped module, all of them are), and so is
@@ -136,7 +136,7 @@ def test_auto_picks_the_least_recompute_that_fits():
         from zeropad.plan.fit import setup_from_config
         from zeropad.plan.memory import device_total, plan
 
-        return device_total(plan(a, setup_from_config(cfg, "cpu"), 16384)) / GB
+        return device_total(plan(a, setup_from_config(cfg), 16384)) / GB
 
     # a device between what `full` and `every:2` need: auto must settle on full
     device_gb = (total_gb("full") + total_gb("every:2")) / 2 / 0.9

@@ -95,27 +95,37 @@ def _runs(lengths: list[int]) -> list[tuple[int, int]]:
 
 
 def _sdpa_per_doc(q_BHTD, k_BHTD, v_BHTD, bounds: list[int], feats: _Features) -> torch.Tensor:
-    """Causal SDPA on each document's slice: exact, and never builds a [T, T] mask.
-
-    The documents are cut with one torch.split per tensor, not a slice each: in backward a split is
-    one concatenation, where n slices would each scatter into a zero tensor of the whole pack (O(n T)).
-    A run of consecutive documents of one length (fixed-length pretraining chunks) is one batched call:
-    its [1, H, count * L, D] slice viewed as [count, H, L, D], no copy.
-    Slices stay 4-D: on CPU, SDPA takes its fused flash kernel only for 4-D inputs (3-D ones
-    fall back to the generic math path, ~3x slower in forward + backward)."""
+    """Causal SDPA on each document (each run of equal-length documents): exact, and never builds a [T, T] mask."""
     gqa = q_BHTD.shape[1] != k_BHTD.shape[1]
+    outs = [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=feats.dropout,
+                                           scale=feats.scaling, enable_gqa=gqa)
+            for (q, k, v), mask in _doc_batches(bounds, feats.sliding_window, q_BHTD.dtype, q_BHTD, k_BHTD, v_BHTD)]
+    return _pack_tokens(outs)
+
+
+def _doc_batches(bounds: list[int], sliding_window: int | None, dtype, *tensors: torch.Tensor):
+    """Per run of `count` equal-length documents: ([count, H, n, ...] views of each [1, H, T, ...] tensor (a
+    logsumexp [1, H, T] too), additive window mask or None).
+
+    The documents are cut with one torch.split per tensor, not a slice each: in backward a split is one
+    concatenation, where n slices would each scatter into a zero tensor of the whole pack (O(n T)). A run of
+    consecutive documents of one length (fixed-length pretraining chunks) is one batched call: its [1, H, count * n,
+    D] slice viewed as [count, H, n, D], no copy. Slices stay 4-D: on CPU, SDPA takes its fused flash kernel only for
+    4-D inputs (3-D ones fall back to the generic math path, ~3x slower in forward + backward)."""
     runs = _runs([end - start for start, end in zip(bounds[:-1], bounds[1:])])
-    outs = []
-    for (count, n), q, k, v in zip(runs, *(x.split([c * n for c, n in runs], dim=2)
-                                           for x in (q_BHTD, k_BHTD, v_BHTD))):
-        if count > 1:  # [1, H, count * n, D] -> [count, H, n, D]
-            q, k, v = (x.unflatten(2, (count, n)).transpose(1, 2).flatten(0, 1) for x in (q, k, v))
-        window = feats.sliding_window if feats.sliding_window is not None and feats.sliding_window < n else None
-        mask = None if window is None else _window_mask(n, window, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             dropout_p=feats.dropout, scale=feats.scaling, enable_gqa=gqa)
-        outs.append(out if count == 1 else out.unflatten(0, (1, count)).transpose(1, 2).flatten(2, 3))
-    return torch.cat(outs, dim=2)
+    sizes = [count * n for count, n in runs]
+    for (count, n), *parts in zip(runs, *(x.split(sizes, dim=2) for x in tensors)):
+        window = sliding_window if sliding_window is not None and sliding_window < n else None
+        mask = None if window is None else torch.zeros(n, n, dtype=dtype, device=parts[0].device).masked_fill_(
+            ~_window_mask(n, window, parts[0].device), float("-inf"))  # additive: the CPU kernel takes no bool mask
+        yield [x.unflatten(2, (count, n)).transpose(1, 2).flatten(0, 1) for x in parts], mask
+
+
+def _pack_tokens(parts: list[torch.Tensor], lse: bool = False) -> torch.Tensor:
+    """[count, H, n, D] pieces -> [1, H, T, D], laid out [1, T, H, D] ([count, H, n] -> [1, H, T] for logsumexps)."""
+    if lse:
+        return torch.cat([x.transpose(0, 1).flatten(1, 2) for x in parts], dim=1)[None]
+    return torch.cat([x.transpose(1, 2).flatten(0, 1) for x in parts], dim=0)[None].transpose(1, 2)
 
 
 # The CPU path: torch's CPU flash-attention kernel per document (per run of equal lengths), forward and backward,
@@ -128,26 +138,6 @@ _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _doc_batches(cu_seqlens: torch.Tensor, sliding_window: int | None, dtype, *tensors: torch.Tensor):
-    """Per run of `count` equal-length documents: ([count, H, n, ...] views of each [1, H, T, ...] tensor (a
-    logsumexp [1, H, T] too), additive window mask or None); each tensor is cut with one split (see _sdpa_per_doc)."""
-    bounds = cu_seqlens.tolist()
-    runs = _runs([end - start for start, end in zip(bounds[:-1], bounds[1:])])
-    sizes = [count * n for count, n in runs]
-    for (count, n), *parts in zip(runs, *(x.split(sizes, dim=2) for x in tensors)):
-        window = sliding_window if sliding_window is not None and sliding_window < n else None
-        mask = None if window is None else torch.zeros(n, n, dtype=dtype, device=parts[0].device).masked_fill_(
-            ~_window_mask(n, window, parts[0].device), float("-inf"))  # the kernel takes additive masks only
-        yield [x.unflatten(2, (count, n)).transpose(1, 2).flatten(0, 1) for x in parts], mask
-
-
-def _pack_tokens(parts: list[torch.Tensor], lse: bool = False) -> torch.Tensor:
-    """[count, H, n, D] pieces -> [1, H, T, D], laid out [1, T, H, D] ([count, H, n] -> [1, H, T] for logsumexps)."""
-    if lse:
-        return torch.cat([x.transpose(0, 1).flatten(1, 2) for x in parts], dim=1)[None]
-    return torch.cat([x.transpose(1, 2).flatten(0, 1) for x in parts], dim=0)[None].transpose(1, 2)
-
-
 def _tokens_major(x: torch.Tensor, width: int) -> torch.Tensor:
     """An empty [1, H, T, width] laid out [1, T, H, width], as _pack_tokens returns."""
     return x.new_empty((1, x.shape[2], x.shape[1], width)).transpose(1, 2)
@@ -158,7 +148,7 @@ def cpu_flash_per_doc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention per document: ([1, H, T, Dv] output, [1, H, T] logsumexp)."""
     outs, lses = [], []
-    for (qd, kd, vd), mask in _doc_batches(cu_seqlens, sliding_window, q.dtype, q, k, v):
+    for (qd, kd, vd), mask in _doc_batches(cu_seqlens.tolist(), sliding_window, q.dtype, q, k, v):
         out, lse = _cpu_flash(qd, kd, vd, 0.0, mask is None, attn_mask=mask, scale=scale)
         outs.append(out)
         lses.append(lse)
@@ -176,7 +166,7 @@ def _cpu_flash_per_doc_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Te
                                 out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                                 sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = []
-    for (gd, qd, kd, vd, od, lse_d), mask in _doc_batches(cu_seqlens, sliding_window, q.dtype,
+    for (gd, qd, kd, vd, od, lse_d), mask in _doc_batches(cu_seqlens.tolist(), sliding_window, q.dtype,
                                                           grad, q, k, v, out, lse):
         grads.append(_cpu_flash_backward(gd, qd, kd, vd, od, lse_d, 0.0, mask is None, attn_mask=mask, scale=scale))
     return tuple(_pack_tokens(list(g)) for g in zip(*grads))

@@ -78,8 +78,8 @@ class StepPacks:
     assignment: RankAssignment
     # the loader's position (epoch, packs done) before and after this step's packs: what a checkpoint saves, read
     # here rather than from the loader, which a prefetching worker has moved on
-    start: tuple[int, int] = (0, 0)
-    end: tuple[int, int] = (0, 0)
+    start: tuple[int, int]
+    end: tuple[int, int]
 
 
 def step_packs(loader: PackLoader | StreamingPackLoader, micro_steps: int, world_size: int = 1,
@@ -126,7 +126,7 @@ class Prefetch:
     def _work(self, items: Iterator, prepare: Callable | None) -> None:
         try:
             for item in items:
-                if self._stop.is_set() or not self._put(prepare(item) if prepare else item):
+                if not self._put(prepare(item) if prepare else item):  # False once stopped
                     return
             self._put(_Failed(StopIteration()))
         except BaseException as err:  # noqa: BLE001  (handed to the consumer, raised there)

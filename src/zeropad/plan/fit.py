@@ -16,12 +16,12 @@ from zeropad.plan.memory import GB, Setup, device_total, plan, recompute_fractio
 MARGIN = 0.10  # left free of the device: allocator fragmentation, and what the plan does not model
 
 
-def setup_from_config(cfg: Config, backend: str, **options) -> Setup:
+def setup_from_config(cfg: Config, **options) -> Setup:
     """The run's Setup as configured; `options` (strategy, num_devices, ...) override it."""
     m = cfg.memory
     return replace(Setup(
         precision=cfg.train.dtype, checkpointing=m.checkpointing, offload_activations=m.offload_activations,
-        chunked_loss=m.chunked_loss, loss_chunk_tokens=m.loss_chunk_tokens, backend=backend,
+        chunked_loss=m.chunked_loss, loss_chunk_tokens=m.loss_chunk_tokens,
         grad_accum=cfg.train.grad_accum, sp_size=cfg.parallel.sp_size,
     ), **options)
 
@@ -95,7 +95,7 @@ def parse_size(text: str) -> float:
 def choose_checkpointing(cfg: Config, a: Arch, device: torch.device) -> str:
     """`memory.checkpointing: auto`: the least recompute whose plan fits the device at pack.max_tokens."""
     device_bytes = cfg.memory.device_gb * GB if cfg.memory.device_gb else detect_device_bytes(device)
-    setup = setup_from_config(cfg, "cuda" if device.type == "cuda" else "cpu")
+    setup = setup_from_config(cfg)
     tokens = cfg.pack.max_tokens
     opts = options(a, setup, tokens, budget_bytes(device_bytes))
     best = recommend(opts, tokens)

@@ -69,7 +69,6 @@ class Setup:
     offload_activations: bool = False
     chunked_loss: bool = False
     loss_chunk_tokens: int = 1024
-    backend: str = "cuda"  # the attention path, for the report (cuda: flash/varlen; cpu: the CPU flash kernel); same bytes
     grad_accum: int = 1
     replicate: int = 1  # HSDP: the devices form `replicate` groups; states are sharded within a group
     sp_size: int = 1  # sequence parallelism: the devices that share one pack, each holding 1/sp_size of it

@@ -100,7 +100,7 @@ def render(result: dict) -> str:
            if s["sp_size"] > 1 else "")
         + ", "
         f"pack.max_tokens={result['tokens']}, checkpointing {s['checkpointing']}, "
-        f"{'chunked' if s['chunked_loss'] else 'plain'} loss, {s['backend']} attention path",
+        f"{'chunked' if s['chunked_loss'] else 'plain'} loss",
     ]
     lines += [a["image_side"]] if a["image_side"] else []
     lines.append("")
@@ -158,7 +158,7 @@ def run(cfg: Config, *, num_devices: int, device_memory: str | None, strategy: s
         raise ConfigError(f"parallel.sp_size ({cfg.parallel.sp_size}) must divide --devices ({num_devices}): "
                           "each pack is shared by sp_size devices")
     setup = setup_from_config(
-        cfg, "cpu" if on_cpu else "cuda", num_devices=num_devices, optimizer=optimizer, replicate=replicate,
+        cfg, num_devices=num_devices, optimizer=optimizer, replicate=replicate,
         strategy=strategy or ("none" if num_devices == 1 else "zero3"), precision=precision or cfg.train.dtype)
     if device_memory is not None:
         device_bytes = parse_size(device_memory)

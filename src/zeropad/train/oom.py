@@ -78,7 +78,7 @@ class StepMemory:
         cfg = self.cfg
         try:
             a = arch_of(_unwrapped(self.model))
-            setup = setup_from_config(cfg, self.device.type, num_devices=distributed.world_size(),
+            setup = setup_from_config(cfg, num_devices=distributed.world_size(),
                                       strategy=_strategy(cfg), replicate=cfg.parallel.replicate)
             device_bytes = cfg.memory.device_gb * GB if cfg.memory.device_gb else detect_device_bytes(self.device)
             policy = cfg.memory.checkpointing if cfg.memory.checkpointing != "auto" else "none"
