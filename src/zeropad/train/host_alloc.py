@@ -6,8 +6,8 @@ a [4096, 8192] fp32 chunk of the loss (128 MB) costs ~60 ms to fault in, ~10x th
 mapped. A training step allocates the same large buffers every step, so zeropad turns off malloc's mmap
 path and its trimming (`mallopt`, glibc's public tuning interface; what jemalloc and tcmalloc, which
 PyTorch's CPU performance guide recommends preloading, do by design). The process keeps its peak host
-memory between steps, which the next step needs anyway. Measured on issue 16's CPU configuration: 1.09x
-a step (benchmarks/RESULTS.md). Elsewhere (no glibc: macOS, musl) it does nothing.
+memory between steps, which the next step needs anyway. On issue 16's CPU configuration: 1.06-1.09x a
+step (benchmarks/host_alloc.py). Elsewhere (no glibc: macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
