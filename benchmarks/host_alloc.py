@@ -6,7 +6,9 @@
 One pack of benchmarks/throughput.py's configuration (--model 5m, --max-tokens 8192: the same model, tokenizer,
 data and zeropad step) trains repeatedly; each pair of steps runs once with glibc's defaults (large buffers
 mmap'd and unmapped on free) and once with `keep_freed_memory` (served from the heap and kept), in alternating
-order, so both see the same machine. Prints each pair and the median ratio (default / kept step time).
+order, so both see the same machine. Prints the time to allocate and fill one 128 MB buffer (a loss chunk) both
+ways (each in a fresh process), each pair of steps, and the median ratio (default / kept step time). In one
+process the default steps can reuse heap memory the kept steps left behind, so the ratio understates the gain.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +39,28 @@ def glibc_defaults() -> None:
     libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
 
 
+_FILL = """
+import sys, time, torch
+from zeropad.train.host_alloc import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+torch.empty(4096, 8192).fill_(1.0)  # a loss chunk's [4096, 8192] fp32 logits, allocated and freed
+best = float("inf")
+for _ in range(5):
+    t0 = time.perf_counter()
+    torch.empty(4096, 8192).fill_(1.0)
+    best = min(best, time.perf_counter() - t0)
+print(1e3 * best)
+"""
+
+
+def _fill_ms(keep: bool) -> float:
+    """The cause, apart from any step: in a fresh process, a freed 128 MB buffer allocated again and filled."""
+    out = subprocess.run([sys.executable, "-c", _FILL, "keep" if keep else "default"], capture_output=True,
+                         text=True, check=True).stdout
+    return float(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=6)
@@ -56,6 +81,9 @@ def main() -> None:
     for _ in range(2):
         train_step(setup, [pack])  # warm-up
     print(f"one pack of {pack.num_tokens} tokens, {args.threads} threads, torch {torch.__version__}")
+    fill = {keep: _fill_ms(keep) for keep in (False, True)}
+    print(f"a 128 MB buffer allocated and filled, after one was freed (fresh processes): {fill[False]:.1f} ms with "
+          f"glibc's defaults, {fill[True]:.1f} ms with freed memory kept")
     print("| pair | glibc defaults s | memory kept s | ratio |\n|---|---|---|---|")
     ratios = []
     for i in range(args.pairs):

@@ -77,10 +77,10 @@ def worker(tokens: int, runs: list[str]) -> None:
     try:
         if distributed.rank() == 0:
             for run in runs:
-                print("RESULT " + json.dumps(measure(tokens, run, None)), flush=True)
+                print("RESULT " + json.dumps(measure(tokens, run, None)) + "\n", end="", flush=True)  # one write per line
         with ulysses.sequence_parallel(2) as sp:
             for run in runs:
-                print("RESULT " + json.dumps(measure(tokens, run, sp)), flush=True)
+                print("RESULT " + json.dumps(measure(tokens, run, sp)) + "\n", end="", flush=True)
     finally:
         distributed.teardown()
 
@@ -93,7 +93,13 @@ def launch(tokens: int, runs: list[str]) -> list[dict]:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode:
         raise SystemExit(f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line]
+    return parse_results(done.stdout)
+
+
+def parse_results(stdout: str) -> list[dict]:
+    """Every rank's RESULT record; two ranks share the pipe, so a record need not start or end its line."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(part)[0] for part in stdout.split("RESULT ")[1:]]
 
 
 def table(rows: list[dict]) -> str:

@@ -6,6 +6,7 @@ Run from the repository root (about 7 minutes on a busy two-core CPU machine, le
     python benchmarks/throughput.py --seconds 20   # quicker, noisier
     python benchmarks/throughput.py --no-trl       # skip TRL even when it is installed
     python benchmarks/throughput.py --model 5m --max-tokens 8192 --runs 3   # issue 16's MFU goal, medians
+    python benchmarks/throughput.py --model 5m --max-tokens 8192 --profile zeropad-compiled   # where a step goes
 
 The same random Qwen3-architecture model (~32M parameters, or with --model 5m 5.2M: hidden 256, 4 layers,
 tied embeddings; fp32, the same initial weights) is
@@ -514,6 +515,19 @@ def run_once(samples, state_dict, tokenizer, methods: list[str], args, work_dir:
     return [by_name[m] for m in METHODS if m in by_name]
 
 
+def profile_steps(samples, state_dict, args) -> None:
+    """Where a step's time goes: torch.profiler's self CPU time by op over two steps, after the warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stepper = ZeropadStepper(samples, state_dict, args, compiled=args.profile == "zeropad-compiled")
+    while stepper.meter.warming_up:
+        stepper.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            stepper.train_one()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def summary(runs: list[tuple[list[Result], Flops]]) -> str:
     """Medians over the runs of each method's median-step tok/s, MFU, and ratios taken within each run."""
     head = ("method", "runs", "median-step tok/s", "MFU (run's peak)", "MFU (peak beside each step)", "vs padded",
@@ -556,6 +570,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "zeropad-compiled"),
                         help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--profile", choices=["zeropad", "zeropad-compiled"], default=None,
+                        help="instead of timing: torch.profiler's op table over two steps of this method")
     args = parser.parse_args()
     MODEL_CONFIG = MODEL_PRESETS[args.model]
 
@@ -597,6 +613,8 @@ def main() -> None:
               f"{100 * lengths.sum() / padded_positions:.1f}% real tokens")
         print(f"timing: {args.runs} run(s); each {args.warmup} warm-up steps, then "
               f"{f'{args.steps} steps' if args.steps else f'~{args.seconds:.0f}s'} per method\n", flush=True)
+        if args.profile:
+            return profile_steps(samples, state_dict, args)
         for run in range(args.runs):
             load_before, peak_before = os.getloadavg()[0], matmul_peak(args.threads)
             results = run_once(samples, state_dict, tokenizer, methods, args, work_dir)

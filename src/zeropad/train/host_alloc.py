@@ -2,12 +2,12 @@
 
 glibc's malloc serves every allocation above its mmap threshold (32 MB at most) with a fresh mmap and
 returns it with munmap on free, so a buffer that size pays one page fault per 4 KB page on every step:
-a [4096, 8192] fp32 chunk of the loss (128 MB) costs ~60 ms to fault in, ~10x the time to fill it once
-mapped. A training step allocates the same large buffers every step, so zeropad turns off malloc's mmap
+allocating and filling a [4096, 8192] fp32 chunk of the loss (128 MB) took 60-75 ms on a 2-core VM, against
+10-45 ms from memory kept, and 8 ms to fill a buffer already held. A training step allocates the same large buffers every step, so zeropad turns off malloc's mmap
 path and its trimming (`mallopt`, glibc's public tuning interface; what jemalloc and tcmalloc, which
 PyTorch's CPU performance guide recommends preloading, do by design). The process keeps its peak host
-memory between steps, which the next step needs anyway. On issue 16's CPU configuration: 1.06-1.09x a
-step (benchmarks/host_alloc.py). Elsewhere (no glibc: macOS, musl) it does nothing.
+memory between steps, which the next step needs anyway. On issue 16's CPU configuration: 1.03-1.08x a
+step, median (benchmarks/host_alloc.py). Elsewhere (no glibc: macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
