@@ -314,7 +314,8 @@ class ZeropadStepper(Stepper):
 
     def train_one(self) -> tuple[int, int]:
         t0 = time.perf_counter()
-        pack = collate([self.samples[i] for i in next(self.packs)])
+        self.last_pack = next(self.packs)  # sample indices (mfu_ceiling.py reads the documents' lengths)
+        pack = collate([self.samples[i] for i in self.last_pack])
         if not self.meter.warming_up:
             self.meter.result.data_seconds.append(time.perf_counter() - t0)
         train_step(StepSetup(self.model, self.optimizer, self.scheduler, grad_clip=GRAD_CLIP,
