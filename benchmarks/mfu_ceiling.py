@@ -35,10 +35,11 @@ import tempfile
 import time
 import types
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+
+from zeropad.train.metrics import FlopCounter
 
 import throughput as tp  # this folder's throughput.py: the same data, model, packs and FLOP count
 
@@ -95,14 +96,6 @@ def kernel_seconds(recorder: KernelRecorder, reps: int) -> tuple[float, float, f
     return matmul_s, matmul_flops, attention_s
 
 
-def attention_flops(lengths: list[int]) -> float:
-    """Causal attention's training FLOPs over documents of these lengths (throughput.model_flops' attention term)."""
-    cfg = types.SimpleNamespace(**tp.MODEL_CONFIG)
-    width = cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
-    n = np.asarray(lengths, dtype=np.float64)
-    return float((6 * width * n * (n + 1)).sum())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(tp.MODEL_PRESETS), default="5m")
@@ -126,6 +119,7 @@ def main() -> None:
         samples, _ = tp.load_alpaca_samples(tokenizer, f"{work_dir}/cache")
     reference = tp.build_model("sdpa")
     flops = tp.model_flops(reference, [len(s) for s in samples])
+    counter = FlopCounter(reference)
     state_dict = {k: v.clone() for k, v in reference.state_dict().items()}
     del reference
 
@@ -160,7 +154,7 @@ def main() -> None:
         rows.append(dict(tokens=tokens, docs=len(lengths), **timed, matmul_s=matmul_s, attention_s=attention_s,
                          matmul_gflops=matmul_flops / matmul_s / 1e9,
                          matmul_counted=matmul_flops / (6 * flops.matmul_params * tokens),
-                         attention_gflops=attention_flops(lengths) / attention_s / 1e9))
+                         attention_gflops=3 * counter.text_forward(lengths)[1] / attention_s / 1e9))
     peak = max(peak, tp.matmul_peak(args.threads))
 
     mfu = lambda row, seconds: row["tokens"] * flops.per_token / seconds / peak  # noqa: E731

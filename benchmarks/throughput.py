@@ -79,6 +79,7 @@ from zeropad.data.dataset import load_samples
 from zeropad.model.compile import compile_layers
 from zeropad.pack.collate import collate
 from zeropad.pack.planner import plan_packs, shuffle_packs
+from zeropad.train.metrics import FlopCounter
 from zeropad.train.host_alloc import keep_freed_memory
 from zeropad.train.step import StepSetup, train_step
 from zeropad.train.optim import build_optimizer as zeropad_optimizer
@@ -160,15 +161,11 @@ class Flops:
 
 
 def model_flops(model, lengths) -> Flops:
-    """Training FLOPs (forward + backward = 3 x forward) per real token, counting only real tokens: 6 x the
-    matmul parameters (every Linear: decoder layers and LM head; the embedding lookup is no matmul), plus causal
-    attention: in the forward, position i's scores and weighted values are 2 x 2 x (i + 1) x head_dim per head."""
-    cfg = model.config
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    attn_width = cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
-    lengths = np.asarray(lengths, dtype=np.float64)
-    attention = float((6 * attn_width * lengths * (lengths + 1)).sum())
-    return Flops((6 * matmul * lengths.sum() + attention) / lengths.sum(), matmul)
+    """Training FLOPs (forward + backward = 3 x forward) per real token, counting only real tokens, as `zeropad train`
+    counts them (train/metrics.py): 6 x the matmul parameters (every Linear: decoder layers and LM head; the
+    embedding lookup is no matmul), plus causal attention."""
+    counter = FlopCounter(model)
+    return Flops(counter(lengths) / sum(lengths), counter.text_matmul_params)
 
 
 def matmul_peak(threads: int, size: int = 2048, reps: int = 8, warmup: int = 2) -> float:

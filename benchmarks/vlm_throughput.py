@@ -5,6 +5,8 @@ Run from the repository root (2-5 minutes on a shared two-core CPU machine, depe
     python benchmarks/vlm_throughput.py                       # CPU, fp32, 200 records, 0.3 epochs each
     python benchmarks/vlm_throughput.py --epochs 0.15         # quicker, noisier
     python benchmarks/vlm_throughput.py --device cuda --dtype bf16 --epochs 2 --records 2000
+    python benchmarks/vlm_throughput.py --device cuda --dtype bf16 --model 3b --max-tokens 16384 --batch-sizes "" \
+        --records 1000 --steps 8 --warmup 2      # issue 16's VLM figure: Qwen2.5-VL-3B shape, zeropad alone
 
 Data: --records image conversations written to a temp dir. The 6 real conversations of
 ../shared/data/mllm_demo.json (with its 3 JPEGs) come first; the rest are generated: 0-3 images
@@ -16,9 +18,10 @@ those texts, plus Qwen-VL's four vision tokens. Everything is loaded by zeropad'
 (load_vision_samples: exact lengths from image headers; samples over the budget are dropped, for
 every method alike) and both methods train on exactly those samples.
 
-Model: a random Qwen2.5-VL from a config (15.6M parameters: text hidden 384, 6 layers, 6 heads, 2 KV
-heads, vocab 8196, untied; vision depth 4, hidden 128), the same initial weights and AdamW for every
-method. The vision tower is small against the language model, as in real VLMs (VISION_CONFIG).
+Model: a random Qwen2.5-VL from a config (--model small, 15.6M parameters: text hidden 384, 6 layers, 6 heads,
+2 KV heads, vocab 8196, untied; vision depth 4, hidden 128; or --model 3b, Qwen2.5-VL-3B's shape, 3.75B: text
+hidden 2048, 36 layers, vocab 151,936, tied; vision depth 32, hidden 1280), the same initial weights and AdamW
+for every method. The vision tower is small against the language model, as in real VLMs.
 
   zeropad     plan_packs (best-fit, seeded) at --max-tokens real tokens, the MultimodalCollator (decode
               the images, image processor, expand, mRoPE positions per document), text attention
@@ -38,7 +41,9 @@ Timing: --warmup untimed steps per method, then timed steps until each method ha
 interleaved by progress (the one furthest behind in its share of that work steps next), so a load
 spike from other processes falls on the same share of every method's work. A step's time covers
 data (image decoding, processor, collation), forward, backward, clip and the optimizer. "real
-tok/s" is real tokens over timed seconds; "median-step tok/s" is mean real tokens per step over the
+tok/s" is real tokens over timed seconds; MFU is the model FLOPs of the real tokens and images (zeropad's own
+count, train/metrics.py: the language model per real token, the vision tower per patch) over the timed seconds
+and the peak (a GPU's dense bf16 datasheet figure; a CPU's best 2048 x 2048 fp32 matmul, before and after); "median-step tok/s" is mean real tokens per step over the
 median step time (robust to other processes' spikes; for padded batches, whose step times are
 right-skewed by the batches holding a long record, it favours the baseline). The vision tower sees
 the same images unpadded in every method: only the language model's tokens are padded.
@@ -69,7 +74,8 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
 
 # throughput.py (beside this file) holds the text benchmark's tokenizer, optimizer and step timing.
-from throughput import ALPACA, GRAD_CLIP, SEED, Meter, Result, Stepper, build_optimizer, build_tokenizer
+from throughput import (ALPACA, GRAD_CLIP, SEED, Meter, Result, Stepper, build_optimizer, build_tokenizer,
+                        matmul_peak)
 
 import zeropad.model.attention  # noqa: F401  (registers attn_implementation="zeropad_varlen")
 from zeropad.config import build_config
@@ -81,6 +87,7 @@ from zeropad.data.chat import Sample
 from zeropad.model.vlm import check_attn_implementation, mm_token_type_ids, packed_attn_implementation, position_rule
 from zeropad.pack.collate import collate
 from zeropad.pack.planner import pack_stats, plan_packs, shuffle_packs
+from zeropad.train.metrics import FlopCounter, media_grids, peak_tflops
 from zeropad.train.step import StepSetup, train_step
 from zeropad.train.loss import lm_loss_sum
 
@@ -90,15 +97,24 @@ IMAGE_SIDES = (64, 448)  # px, each side drawn independently
 REAL_IMAGE_P = 0.2  # share of generated records' images that are copies of the real demo JPEGs
 SECOND_TURN_P = 1 / 3
 
-TEXT_CONFIG = dict(hidden_size=384, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
+SMALL_TEXT = dict(hidden_size=384, intermediate_size=768, num_hidden_layers=6, num_attention_heads=6,
                    num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False,
                    use_cache=False, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                          mrope_section=[8, 12, 12]))  # head_dim 64: 2 x 32
 # A small tower against the language model, as in real VLMs: per visual token (4 patches) it costs ~40% of
 # the language model's compute, as Qwen2.5-VL-7B's does (4 patches x 0.67B against 7B).
-VISION_CONFIG = dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=2, patch_size=14,
+SMALL_VISION = dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=2, patch_size=14,
                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3],
                      out_hidden_size=384)
+# Qwen2.5-VL-3B-Instruct's config.json (the vocabulary is the shape's; the benchmark's tokenizer uses its first 8k ids)
+QWEN2_5_VL_3B_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                          num_key_value_heads=2, max_position_embeddings=128000, vocab_size=151936,
+                          tie_word_embeddings=True, use_cache=False,
+                          rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]))
+QWEN2_5_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                            spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                            fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=2048)
+MODELS = {"small": (SMALL_TEXT, SMALL_VISION), "3b": (QWEN2_5_VL_3B_TEXT, QWEN2_5_VL_3B_VISION)}
 
 
 # ---------------------------------------------------------------- data
@@ -165,14 +181,15 @@ def build_vlm_tokenizer(pairs: list[tuple[str, str]]):
 # ---------------------------------------------------------------- model
 
 
-def model_config(tokenizer) -> Qwen2_5_VLConfig:
+def model_config(tokenizer, model: str = "small") -> Qwen2_5_VLConfig:
     token = tokenizer.convert_tokens_to_ids
+    text, vision = MODELS[model]
     return Qwen2_5_VLConfig(
-        text_config=dict(TEXT_CONFIG, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id),
-        vision_config=VISION_CONFIG, image_token_id=token(IMAGE_PAD_TOKEN), video_token_id=token(VIDEO_PAD_TOKEN),
+        text_config=dict(text, vocab_size=max(len(tokenizer), text.get("vocab_size", 0)),
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id),
+        vision_config=vision, image_token_id=token(IMAGE_PAD_TOKEN), video_token_id=token(VIDEO_PAD_TOKEN),
         vision_start_token_id=token(VISION_START_TOKEN), vision_end_token_id=token(VISION_END_TOKEN),
-        tie_word_embeddings=False,
+        tie_word_embeddings=text["tie_word_embeddings"],
     )
 
 
@@ -180,22 +197,30 @@ def build_model(config, attn_implementation, device: torch.device, state_dict: d
     torch.manual_seed(SEED)
     # A copy each: the model keeps its config object and reads the attention backend from it at every call,
     # so a shared config would give every model the backend of the last one built.
-    model = AutoModelForImageTextToText.from_config(copy.deepcopy(config), dtype=torch.float32,
-                                                    attn_implementation=attn_implementation)
+    with device:  # a 3B model is drawn where it trains
+        model = AutoModelForImageTextToText.from_config(copy.deepcopy(config), dtype=torch.float32,
+                                                        attn_implementation=attn_implementation)
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    return model.to(device).train()
+    return model.train()
 
 
 # ---------------------------------------------------------------- the methods
 
 
 class QuotaMeter(Meter):
-    """Timed steps until `quota` real tokens (the same for every method), or exactly `steps` when given."""
+    """Timed steps until `quota` real tokens (the same for every method), or exactly `steps` when given; the
+    timed steps' model FLOPs."""
 
     def __init__(self, name: str, args, quota: int):
         super().__init__(name, args)
         self.quota = quota
+        self.flops = 0.0
+
+    def record(self, seconds: float, real: int, computed: int, flops: float = 0.0) -> None:
+        if not self.warming_up:
+            self.flops += flops
+        super().record(seconds, real, computed)
 
     def needs_more(self) -> bool:
         if self.warming_up:
@@ -211,19 +236,20 @@ class QuotaMeter(Meter):
 
 
 class VLMStepper(Stepper):
-    def __init__(self, name: str, args, quota: int):
+    def __init__(self, name: str, args, quota: int, counter: FlopCounter):
         super().__init__(name, args)
         self.meter = QuotaMeter(name, args, quota)
+        self.counter = counter
         self.device = torch.device(args.device)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
                          else contextlib.nullcontext())
 
     def step(self) -> None:
         t0 = time.perf_counter()
-        real, computed = self.train_one()
+        real, computed, lengths, grids = self.train_one()
         if self.device.type == "cuda":  # the step's kernels are done before its time is read
             torch.cuda.synchronize()
-        self.meter.record(time.perf_counter() - t0, real, computed)
+        self.meter.record(time.perf_counter() - t0, real, computed, self.counter(lengths, grids))
 
 
 def _cycle(items):
@@ -232,8 +258,8 @@ def _cycle(items):
 
 
 class ZeropadStepper(VLMStepper):
-    def __init__(self, samples, config, state_dict, processor, args, quota: int):
-        super().__init__("zeropad", args, quota)
+    def __init__(self, samples, config, state_dict, processor, args, quota: int, counter: FlopCounter):
+        super().__init__("zeropad", args, quota, counter)
         self.samples = samples
         plan = shuffle_packs(plan_packs([len(s) for s in samples], args.max_tokens, seed=SEED), SEED)
         self.model = build_model(config, packed_attn_implementation("sdpa"), self.device, state_dict)
@@ -245,13 +271,15 @@ class ZeropadStepper(VLMStepper):
         self.meter.result.note = (f"packs of <= {args.max_tokens} real tokens ({len(plan)} packs/epoch, budget fill "
                                   f"{100 * fill:.1f}%), text zeropad_varlen, vision sdpa")
 
-    def train_one(self) -> tuple[int, int]:
+    def train_one(self) -> tuple[int, int, list[int], list]:
         check_attn_implementation(self.model)  # text zeropad_varlen, vision a stock backend
-        pack = self.collate([self.samples[i] for i in next(self.packs)]).to(self.device)
+        pack = self.collate([self.samples[i] for i in next(self.packs)])
+        grids = media_grids(pack.media)  # on the host
+        pack = pack.to(self.device)
         tokens = int(pack.input_ids.numel())
         train_step(StepSetup(self.model, self.optimizer, self.scheduler, self.autocast, GRAD_CLIP), [pack],
                    num_tokens=tokens)
-        return tokens, tokens
+        return tokens, tokens, pack.doc_lengths, grids
 
 
 def padded_vlm_batch(docs: list[Sample], pad_id: int, config) -> dict[str, torch.Tensor]:
@@ -282,8 +310,9 @@ def padded_batches(num_samples: int, batch_size: int) -> list[list[int]]:
 
 
 class PaddedStepper(VLMStepper):
-    def __init__(self, samples, config, state_dict, processor, pad_id: int, batch_size: int, args, quota: int):
-        super().__init__(f"padded-{batch_size}", args, quota)
+    def __init__(self, samples, config, state_dict, processor, pad_id: int, batch_size: int, args, quota: int,
+                 counter: FlopCounter):
+        super().__init__(f"padded-{batch_size}", args, quota, counter)
         self.samples, self.processor, self.pad_id = samples, processor, pad_id
         self.epoch = padded_batches(len(samples), batch_size)
         self.model = build_model(config, "sdpa", self.device, state_dict)
@@ -298,8 +327,9 @@ class PaddedStepper(VLMStepper):
     def batch(self, docs: list[Sample]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in padded_vlm_batch(docs, self.pad_id, self.model.config).items()}
 
-    def train_one(self) -> tuple[int, int]:
-        batch = self.batch(self.docs(next(self.batches)))
+    def train_one(self) -> tuple[int, int, list[int], list]:
+        docs = self.docs(next(self.batches))
+        batch = self.batch(docs)
         with self.autocast:
             loss = self.model(**batch).loss
         loss.backward()
@@ -308,7 +338,8 @@ class PaddedStepper(VLMStepper):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss.item()  # as a trainer logging its loss would
-        return int(batch["attention_mask"].sum()), batch["input_ids"].numel()
+        return (int(batch["attention_mask"].sum()), batch["input_ids"].numel(), [len(d) for d in docs],
+                [g for d in docs for g in media_grids(d.media)])
 
 
 @torch.no_grad()
@@ -334,14 +365,15 @@ def median_tokens_per_s(r: Result) -> float:
     return r.real_tokens / r.steps / statistics.median(r.step_seconds)
 
 
-def table(results: list[Result]) -> str:
+def table(results: list[Result], flops: list[float], peak: float) -> str:
+    """`flops`: each method's timed model FLOPs; `peak`: FLOP/s."""
     zp = results[0]
     head = ("method", "steps", "real tokens", "computed", "fill", "seconds", "real tok/s", "median-step tok/s",
-            "zeropad / this", "zeropad / this, median")
+            "zeropad / this", "zeropad / this, median", "MFU")
     rows = [(r.method, str(r.steps), f"{r.real_tokens:,}", f"{r.computed_tokens:,}", f"{100 * r.fill:.1f}%",
              f"{r.seconds:.1f}", f"{r.tokens_per_s:,.0f}", f"{median_tokens_per_s(r):,.0f}",
-             f"{zp.tokens_per_s / r.tokens_per_s:.2f}x", f"{median_tokens_per_s(zp) / median_tokens_per_s(r):.2f}x")
-            for r in results]
+             f"{zp.tokens_per_s / r.tokens_per_s:.2f}x", f"{median_tokens_per_s(zp) / median_tokens_per_s(r):.2f}x",
+             f"{100 * f / r.seconds / peak:.1f}%") for r, f in zip(results, flops)]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                            for i, (c, w) in enumerate(zip(cells, widths))) + " |"
@@ -365,7 +397,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method (overrides --epochs)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method")
     parser.add_argument("--max-tokens", type=int, default=2048, help="zeropad's pack budget (real tokens)")
-    parser.add_argument("--batch-sizes", default="4,8", help="records per padded batch, one baseline each")
+    parser.add_argument("--batch-sizes", default="4,8",
+                        help='records per padded batch, one baseline each; "" for zeropad alone (no loss check)')
+    parser.add_argument("--model", default="small", choices=sorted(MODELS), help="small (15.6M) or 3b (Qwen2.5-VL-3B)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast, fp32 weights")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see the module docstring)")
@@ -373,8 +407,8 @@ def main() -> None:
     args = parser.parse_args()
     args.seconds = None  # throughput.Meter's time limit: unused, QuotaMeter stops on tokens or steps
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    if not batch_sizes or min(batch_sizes) < 1:
-        parser.error(f"--batch-sizes needs at least one positive batch size, got {args.batch_sizes!r}")
+    if batch_sizes and min(batch_sizes) < 1:
+        parser.error(f"--batch-sizes takes positive batch sizes, got {args.batch_sizes!r}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
@@ -388,7 +422,7 @@ def main() -> None:
         data_file.write_text(json.dumps(records))
         cfg = build_config({"data": {"sources": [{"path": str(data_file), "format": "messages"}], "num_workers": 0},
                             "pack": {"max_tokens": args.max_tokens}, "train": {"seed": SEED}})
-        config = model_config(tokenizer)
+        config = model_config(tokenizer, args.model)
         processor = load_image_processor(cfg, config)
         samples, report = load_vision_samples(cfg, cfg.data.sources, tokenizer, processor, config)
         lengths = np.array([len(s) for s in samples])
@@ -396,15 +430,19 @@ def main() -> None:
         image_tokens = int(lengths.sum()) - sum(len(s.conversation.sample) - len(s.conversation.image_paths)
                                                 for s in samples)
 
-        reference = build_model(config, "sdpa", torch.device("cpu"))
+        device = torch.device(args.device)
+        peak = (peak_tflops(device, None) * 1e12 if device.type == "cuda" else matmul_peak(args.threads))
+        reference = build_model(config, "sdpa", device)
         num_params = sum(p.numel() for p in reference.parameters())
         vision_params = sum(p.numel() for p in reference.model.visual.parameters())
-        state_dict = {k: v.clone() for k, v in reference.state_dict().items()}
+        counter = FlopCounter(reference)
+        # every method starts from the same weights (one method alone: none to copy)
+        state_dict = {k: v.clone() for k, v in reference.state_dict().items()} if batch_sizes else None
         del reference
         quota = int(args.epochs * lengths.sum())
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
               f"{platform.processor() or ''}, device {args.device}, {args.dtype}".rstrip())
-        print(f"model: Qwen2.5-VL, {num_params / 1e6:.1f}M parameters ({vision_params / 1e6:.1f}M vision), "
+        print(f"model: Qwen2.5-VL ({args.model}), {num_params / 1e6:.1f}M parameters ({vision_params / 1e6:.1f}M vision), "
               f"tokenizer {len(tokenizer)} tokens (setup {time.perf_counter() - started:.0f}s)")
         print(f"data: {args.records} records ({'with' if MLLM_DEMO.is_file() else 'without'} the real mllm demo, "
               f"{'Alpaca' if ALPACA.is_file() else 'synthetic'} texts): {report.summary()}; {num_images} images, "
@@ -417,11 +455,12 @@ def main() -> None:
               "per method, methods interleaved by progress\n", flush=True)
 
         load_before = os.getloadavg()[0]
-        steppers: list[VLMStepper] = [ZeropadStepper(samples, config, state_dict, processor, args, quota)]
-        steppers += [PaddedStepper(samples, config, state_dict, processor, tokenizer.pad_token_id, b, args, quota)
-                     for b in batch_sizes]
-        print(f"check, initial weights, the first padded batch's {check_same_loss(steppers[0], steppers[1])}",
-              flush=True)
+        steppers: list[VLMStepper] = [ZeropadStepper(samples, config, state_dict, processor, args, quota, counter)]
+        steppers += [PaddedStepper(samples, config, state_dict, processor, tokenizer.pad_token_id, b, args, quota,
+                                   counter) for b in batch_sizes]
+        if batch_sizes:
+            print(f"check, initial weights, the first padded batch's {check_same_loss(steppers[0], steppers[1])}",
+                  flush=True)
         for stepper in steppers:
             while stepper.meter.warming_up:
                 stepper.step()
@@ -431,9 +470,15 @@ def main() -> None:
         while active := [s for s in steppers if s.meter.needs_more()]:
             min(active, key=lambda s: s.meter.progress).step()
         results = [s.meter.result for s in steppers]
+        if device.type == "cpu":
+            peak = max(peak, matmul_peak(args.threads))
         print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; "
               f"total {time.perf_counter() - started:.0f}s\n")
-        print(table(results))
+        print(table(results, [s.meter.flops for s in steppers], peak))
+        print(f"MFU: model FLOPs of the real tokens and images over the timed seconds and a peak of "
+              f"{peak / 1e12:.3g} TFLOP/s ({'dense bf16, datasheet' if device.type == 'cuda' else 'fp32 matmul'})")
+        if device.type == "cuda":
+            print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
         if args.json:
             args.json.write_text(json.dumps([vars(r) for r in results], indent=1))
 

@@ -23,7 +23,7 @@ QWEN3 = dict(model_type="qwen3", vocab_size=1000, hidden_size=64, intermediate_s
 ARCH = Arch(num_layers=36, hidden=4096, intermediate=12288, num_heads=32, num_kv_heads=8, head_dim=128,
             vocab=151936, qk_norm=True, num_moe_layers=0, num_experts=0, experts_per_token=0, moe_intermediate=0,
             shared_intermediate=0, num_params=0, num_trainable_params=0, num_active_params=0, num_expert_params=0,
-            num_matmul_params=0, num_head_params=0, max_layer_params=0)
+            num_matmul_params=0, num_active_matmul_params=0, num_head_params=0, max_layer_params=0)
 TOKENS = 131072
 
 

@@ -17,6 +17,7 @@ from zeropad.data.multimodal import load_image_processor
 from zeropad.data.vision import read_image_conversation, to_vision_doc
 from zeropad.model.load import build_model, build_model_config
 from zeropad.pack.collate import IGNORE_INDEX, shift_targets
+from zeropad.train.metrics import FlopCounter, media_grids
 from zeropad.verify import reference_forward_backward
 from zeropad.train.loop import train
 
@@ -74,6 +75,13 @@ def test_first_step_loss_equals_per_document_reference(tmp_path, one_thread, fam
     expected = torch.nn.functional.cross_entropy(logits[masks], targets[masks]).item()
     assert step1["target_tokens"] == int(masks.sum())
     assert step1["loss"] == pytest.approx(expected, rel=1e-5)
+
+    # the logged FLOPs count the language model per token and the vision tower per image patch
+    counter = FlopCounter(model)
+    grids = [g for d in docs for g in media_grids(d.media)]
+    assert (len(grids) == 4) == (family != "chameleon")  # Chameleon's images are VQ codes in the text
+    logged = step1["tflops"] * 1e12 * step1["tokens"] / step1["tokens_per_s"]
+    assert logged == pytest.approx(counter([len(d) for d in docs], grids), rel=1e-9)
 
 
 @pytest.mark.skipif(not (SHARED / "mllm_demo.json").is_file(), reason="../shared/data is absent")

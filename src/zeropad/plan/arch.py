@@ -33,6 +33,7 @@ class Arch:
     num_active_params: int  # per token: MoE layers count only experts_per_token of their experts
     num_expert_params: int  # routed experts' weights (grouped_mm runs them in the weights' dtype)
     num_matmul_params: int  # weights of all matmuls, experts and the LM head included
+    num_active_matmul_params: int  # the language model's matmul weights a token runs through (train/metrics.py)
     num_head_params: int  # the output embedding (LM head)
     max_layer_params: int  # the largest decoder layer: what FSDP gathers at a time
     # Outside the language model: a VLM's vision tower and projector, Chameleon's VQ-VAE. Included in
@@ -40,15 +41,22 @@ class Arch:
     num_image_params: int = 0
 
 
-def _image_params(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> int:
-    """Parameters outside the language model (its decoder and LM head). An image model nested inside the
-    decoder as a model of its own (Chameleon's VQ-VAE) is outside it too."""
+def _text_params(model: torch.nn.Module) -> set[int]:
+    """ids of the language model's parameters: its decoder and LM head. An image model nested inside the
+    decoder as a model of its own (Chameleon's VQ-VAE) is outside it."""
     decoder = model.get_decoder()
     nested = [m for m in decoder.modules() if m is not decoder and isinstance(m, PreTrainedModel)]
     inner = {id(p) for m in nested for p in m.parameters()}
     text = {id(p) for p in decoder.parameters() if id(p) not in inner}
-    text |= {id(p) for p in model.get_output_embeddings().parameters()}
-    return sum(p.numel() for p in params.values() if id(p) not in text)
+    return text | {id(p) for p in model.get_output_embeddings().parameters()}
+
+
+def image_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The modules with parameters of their own outside the language model: a VLM's vision tower and projector,
+    Chameleon's VQ-VAE."""
+    text = _text_params(model)
+    return [(name, module) for name, module in model.named_modules()
+            if any(id(p) not in text for p in module.parameters(recurse=False))]
 
 
 def arch_of(model: torch.nn.Module) -> Arch:
@@ -61,6 +69,7 @@ def arch_of(model: torch.nn.Module) -> Arch:
     num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None) or 0
     top_k = getattr(cfg, "num_experts_per_tok", None) or 0
     expert_params = sum(p.numel() for n, p in params.items() if ".experts." in n)
+    text = _text_params(model)
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
     moe_intermediate = getattr(cfg, "moe_intermediate_size", 0) or 0
@@ -77,11 +86,19 @@ def arch_of(model: torch.nn.Module) -> Arch:
         num_moe_layers=sum(hasattr(getattr(layer, "mlp", None), "experts") for layer in layers),
         num_experts=num_experts, experts_per_token=top_k, moe_intermediate=moe_intermediate,
         shared_intermediate=shared, num_params=num_params, num_trainable_params=num_trainable,
-        num_active_params=num_params - expert_params + (expert_params * top_k // num_experts if num_experts else 0),
+        num_active_params=_active(num_params - expert_params, expert_params, top_k, num_experts),
         num_expert_params=expert_params,
         num_head_params=model.get_output_embeddings().weight.numel(),
         num_matmul_params=sum(p.numel() for p in params.values() if p.ndim >= 2)
         - (0 if tied else embedding.numel()),
+        num_active_matmul_params=_active(
+            sum(p.numel() for n, p in params.items() if id(p) in text and p.ndim >= 2 and ".experts." not in n)
+            - (0 if tied else embedding.numel()), expert_params, top_k, num_experts),
         max_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-        num_image_params=_image_params(model, params),
+        num_image_params=sum(p.numel() for p in params.values() if id(p) not in text),
     )
+
+
+def _active(dense: int, experts: int, top_k: int, num_experts: int) -> int:
+    """Parameters a token runs through: all dense ones, top_k of num_experts routed experts' (experts are equal)."""
+    return dense + (experts * top_k // num_experts if num_experts else 0)

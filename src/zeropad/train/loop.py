@@ -43,7 +43,7 @@ from zeropad.train.fingerprint import run_fingerprint
 from zeropad.train.host_alloc import keep_freed_memory
 from zeropad.train.guard import RunGuard, StopSignals, named_storage_faults
 from zeropad.train.oom import StepMemory
-from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, peak_tflops, plot_losses
+from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, media_grids, peak_tflops, plot_losses
 from zeropad.train.moe import RouterStats
 from zeropad.train.preference import attach_reference, build_objective, check_preference, collate_pairs, prepare_pairs
 from zeropad.train.optim import apply_freeze, build_optimizer, build_scheduler, describe_groups, group_lrs
@@ -253,7 +253,11 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
             if world > 1:
                 record["rank_token_imbalance"] = step_data.assignment.token_imbalance
                 record["rank_attention_imbalance"] = step_data.assignment.attention_imbalance
-            record["tflops"] = flops(step_data.doc_lengths) / seconds / world / 1e12  # per device
+            # per device: the step's text over all ranks, and this rank's images (an SP group embeds its pack's
+            # images on each of its ranks: counted once)
+            step_flops = (flops(step_data.doc_lengths) / world
+                          + flops((), [g for p in step_data.packs for g in media_grids(p.media)]) / cfg.parallel.sp_size)
+            record["tflops"] = step_flops / seconds / 1e12
             if peak:
                 record["mfu"] = record["tflops"] / peak
             if device.type == "cuda":

@@ -1,18 +1,43 @@
-"""What the user sees of a run: FLOPs/MFU, the progress bar, metrics.jsonl, TensorBoard, loss.png."""
+"""What the user sees of a run: FLOPs/MFU, the progress bar, metrics.jsonl, TensorBoard, loss.png.
+
+Model FLOPs (FlopCounter), for MFU: the work the model needs for a step's real tokens and images.
+
+Training FLOPs are 3 x the forward's (the backward computes gradients of inputs and of weights, each as costly as
+the forward). The forward of a text token runs every matmul weight of the language model once (2 FLOPs per weight):
+the decoder's linear layers and the LM head, the input embedding being a lookup; a MoE layer's routed experts count
+at num_experts_per_tok / num_experts of their weights (what a token actually runs), its router and shared experts
+in full. Causal attention adds, per layer and document of L tokens, 2 x L^2 / 2 x heads x (qk + v head dims): the
+scores and the weighted values over the causal half (PaLM, appendix B); a sliding-window layer over its band.
+
+A vision-language model's tower runs per image patch: every Linear and Conv weight of the modules outside the
+language model (the vision tower and its projector) once per patch, except the patch mergers and projectors
+(modules named *merger* or *projector*), which run once per merged token (merge_size^2 patches). Vision attention
+is bidirectional within each frame of an image or video (Qwen2.5-VL: within each window, outside its full-attention
+blocks): 2 x 2 x L^2 x hidden per layer. Chameleon's images are VQ codes made before the model, and count as text.
+
+tests/train/test_flops.py checks every term against torch.utils.flop_counter on real forwards of tiny models.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from zeropad import storage
+from zeropad.family import media_family
+from zeropad.plan.arch import arch_of, image_modules
 
 # Dense bf16 peak TFLOP/s of common training GPUs (vendor datasheets, SXM parts), for MFU.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "B200": 2250.0}
+
+Grid = Sequence[int]  # (t, h, w) in patches: an image_grid_thw / video_grid_thw row
 
 
 def peak_tflops(device: torch.device, configured: float | None) -> float | None:
@@ -26,23 +51,81 @@ def peak_tflops(device: torch.device, configured: float | None) -> float | None:
     return None  # CPUs have no meaningful published peak: MFU is left out
 
 
+def media_grids(media: dict) -> list[list[int]]:
+    """The (t, h, w) patch grids of a pack's images and videos (empty for text, and for Chameleon's VQ codes)."""
+    return [row for key in ("image_grid_thw", "video_grid_thw") if key in media for row in media[key].tolist()]
+
+
 class FlopCounter:
-    """Training FLOPs of a pack: 6·N per token for the matmuls (N = parameters excluding the input
-    embedding lookup) plus causal attention, 6·layers·heads·head_dim·Σ len² (forward QKᵀ and PV
-    at 2·len²·d each, halved by causality, times 3 for forward + backward). PaLM appendix B."""
+    """Training FLOPs of documents and images: `counter(doc_lengths, grids)`. The terms are kept apart
+    (`text_forward`, `vision_forward`) for the tests; all are forward FLOPs until `__call__` triples them."""
 
     def __init__(self, model: torch.nn.Module):
-        config = model.config.get_text_config()
-        embed = model.get_input_embeddings().weight
-        tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
-        num_params = sum(p.numel() for p in model.parameters())
-        self.matmul_params = num_params - (0 if tied else embed.numel())
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.attn_width = config.num_hidden_layers * config.num_attention_heads * head_dim
+        arch, text = arch_of(model), model.config.get_text_config()
+        self.text_matmul_params = arch.num_active_matmul_params
+        # MLA (DeepSeek-V3, Kimi): scores over qk_head_dim, values of v_head_dim
+        head_dims = (getattr(text, "qk_head_dim", None) or arch.head_dim) + (getattr(text, "v_head_dim", None)
+                                                                             or arch.head_dim)
+        self.text_attn_width = arch.num_heads * head_dims  # scores and values, per layer
+        window = getattr(text, "sliding_window", None)
+        types = getattr(text, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * \
+            arch.num_layers
+        self.text_windows = Counter(window if kind == "sliding_attention" else None for kind in types)  # -> layers
+        self.per_patch_params = self.per_merged_params = self.vision_layers = self.vision_hidden = 0
+        self.merge, self.full_blocks, self.window = 1, set(), None
+        family = media_family(model.config)
+        vision = getattr(model.config, "vision_config", None)
+        if family is None or vision is None:  # text, or Chameleon's VQ codes
+            return
+        self.merge = family.merge_size
+        for name, module in image_modules(model):
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+                if "merger" in name or "projector" in name:
+                    self.per_merged_params += module.weight.numel()
+                else:
+                    self.per_patch_params += module.weight.numel()
+        self.vision_layers = getattr(vision, "depth", None) or vision.num_hidden_layers
+        self.vision_hidden = vision.hidden_size
+        # Qwen2.5-VL: blocks outside fullatt_block_indexes attend within windows of window_size pixels
+        self.full_blocks = set(getattr(vision, "fullatt_block_indexes", None) or range(self.vision_layers))
+        window = getattr(vision, "window_size", None)
+        self.window = window // self.merge // vision.patch_size if window and len(self.full_blocks) < \
+            self.vision_layers else None  # in merged tokens per side
 
-    def __call__(self, doc_lengths: list[int]) -> float:
-        tokens = sum(doc_lengths)
-        return 6.0 * self.matmul_params * tokens + 6.0 * self.attn_width * sum(n * n for n in doc_lengths)
+    def text_forward(self, doc_lengths: Iterable[int]) -> tuple[float, float]:
+        """(matmuls, attention) of the language model's forward over these documents."""
+        lengths = list(doc_lengths)
+        areas = sum(layers * _causal_area(n, window) for window, layers in self.text_windows.items()
+                    for n in lengths)
+        return 2.0 * self.text_matmul_params * sum(lengths), 2.0 * self.text_attn_width * areas
+
+    def vision_forward(self, grids: Iterable[Grid]) -> tuple[float, float]:
+        """(matmuls, attention) of the vision tower and projector's forward over these images and videos."""
+        matmuls = attention = 0.0
+        for t, h, w in grids:
+            patches = t * h * w
+            matmuls += 2.0 * (self.per_patch_params * patches + self.per_merged_params * patches / self.merge**2)
+            frame = float(h * w) ** 2
+            windows = self._window_squares(h, w) if self.window else frame
+            full = len(self.full_blocks)
+            attention += 4.0 * self.vision_hidden * t * (full * frame + (self.vision_layers - full) * windows)
+        return matmuls, attention
+
+    def _window_squares(self, h: int, w: int) -> float:
+        """Σ len² over the windows of one frame: tiles of window x window merged tokens, cut at the edges."""
+        rows, cols = h // self.merge, w // self.merge
+        edge = lambda n: [min(self.window, n - i) for i in range(0, n, self.window)]  # noqa: E731
+        return float(sum((a * b * self.merge**2) ** 2 for a in edge(rows) for b in edge(cols)))
+
+    def __call__(self, doc_lengths: Iterable[int], grids: Iterable[Grid] = ()) -> float:
+        return 3.0 * (math.fsum(self.text_forward(doc_lengths)) + math.fsum(self.vision_forward(grids)))
+
+
+def _causal_area(length: int, window: int | None) -> float:
+    """The (query, key) pairs causal attention scores in a document, L^2 / 2; within a sliding window of w keys,
+    the band L^2 / 2 - (L - w)^2 / 2."""
+    band = max(length - window, 0) if window else 0
+    return (length * length - band * band) / 2.0
 
 
 class MetricsLogger:
