@@ -61,6 +61,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -431,7 +432,8 @@ def main() -> None:
                                                 for s in samples)
 
         device = torch.device(args.device)
-        peak = (peak_tflops(device, None) * 1e12 if device.type == "cuda" else matmul_peak(args.threads))
+        # FLOP/s: a GPU's datasheet bf16 peak (nan for one not in the table), a CPU's measured fp32 matmul peak
+        peak = (peak_tflops(device, None) or math.nan) * 1e12 if device.type == "cuda" else matmul_peak(args.threads)
         reference = build_model(config, "sdpa", device)
         num_params = sum(p.numel() for p in reference.parameters())
         vision_params = sum(p.numel() for p in reference.model.visual.parameters())

@@ -70,6 +70,8 @@ def arch_of(model: torch.nn.Module) -> Arch:
     top_k = getattr(cfg, "num_experts_per_tok", None) or 0
     expert_params = sum(p.numel() for n, p in params.items() if ".experts." in n)
     text = _text_params(model)
+    # the language model's matmul weights (stacked experts' biases are 2-D too, but no matmul's)
+    weights = {n: p for n, p in params.items() if id(p) in text and p.ndim >= 2 and not n.endswith("bias")}
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
     moe_intermediate = getattr(cfg, "moe_intermediate_size", 0) or 0
@@ -92,8 +94,8 @@ def arch_of(model: torch.nn.Module) -> Arch:
         num_matmul_params=sum(p.numel() for p in params.values() if p.ndim >= 2)
         - (0 if tied else embedding.numel()),
         num_active_matmul_params=_active(
-            sum(p.numel() for n, p in params.items() if id(p) in text and p.ndim >= 2 and ".experts." not in n)
-            - (0 if tied else embedding.numel()), expert_params, top_k, num_experts),
+            sum(p.numel() for n, p in weights.items() if ".experts." not in n) - (0 if tied else embedding.numel()),
+            sum(p.numel() for n, p in weights.items() if ".experts." in n), top_k, num_experts),
         max_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
         num_image_params=sum(p.numel() for p in params.values() if id(p) not in text),
     )
