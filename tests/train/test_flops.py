@@ -11,7 +11,7 @@ from zeropad.train.metrics import FlopCounter, media_grids
 from zeropad.data.chat import Sample
 from zeropad.model.vlm import unpacked_inputs
 
-from model.test_vlm_exactness import FAMILIES, make_doc
+from model.test_vlm_exactness import FAMILIES, make_doc, make_media_doc
 from tinymodels import tiny_model
 
 aten = torch.ops.aten
@@ -71,6 +71,19 @@ def test_vlm_flops_equal_torch_count(family, one_thread):
     # the same document's text alone: the vision terms are what the images add
     text_only = make_doc(model, [len(doc)], [], g)
     assert counted(model, text_only) == (text[0], 2 * text[1])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_video_flops_equal_torch_count(family, one_thread):
+    """A video of t temporal patches: the tower attends within each of its frames."""
+    model = _eager(FAMILIES[family]())
+    counter = FlopCounter(model)
+    g = torch.Generator().manual_seed(0)
+    doc = make_media_doc(model, [4, ("video", (3, 6, 4), 1.0), 2, ("image", (1, 4, 6)), 3], g)
+    grids = media_grids(doc.media)
+    assert sorted(grids) == [[1, 4, 6], [3, 6, 4]]
+    text, vision = counter.text_forward([len(doc)]), counter.vision_forward(grids)
+    assert counted(model, doc) == (text[0] + vision[0], 2 * text[1] + vision[1])
 
 
 def test_training_flops_are_three_forwards():
