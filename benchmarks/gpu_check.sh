@@ -20,7 +20,8 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 timeout 330 $PY benchmarks/gpu_throughput.py --max-tokens 16384 --steps 8 --warmup 3 \
   --methods padded,zeropad-step,zeropad-compiled 2>&1 | tail -14 | tee "$OUT/throughput.log"
 # issue 16's VLM figure: the Qwen2.5-VL-3B shape on image conversations, zeropad's packs alone (MFU counts the
-# language model per real token and the vision tower per patch; 8k-token packs keep activations within 139 GiB)
+# language model per real token and the vision tower per patch). 8k-token packs: `zeropad plan` puts the language
+# model at 105 GB without checkpointing (bf16 autocast, fp32 AdamW), leaving ~30 GB for the tower's activations
 timeout 200 $PY benchmarks/vlm_throughput.py --device cuda --dtype bf16 --model 3b --max-tokens 8192 \
   --batch-sizes "" --records 600 --steps 6 --warmup 2 --threads 8 2>&1 | grep -v "^\[transformers\]" | tail -12 \
   | tee "$OUT/vlm_throughput.log"
