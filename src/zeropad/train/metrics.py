@@ -72,7 +72,7 @@ class FlopCounter:
             arch.num_layers
         self.text_windows = Counter(window if kind == "sliding_attention" else None for kind in types)  # -> layers
         self.per_patch_params = self.per_merged_params = self.vision_layers = self.vision_hidden = 0
-        self.merge, self.full_blocks, self.window = 1, set(), None
+        self.merge, self.full_layers, self.window = 1, 0, None
         family = media_family(model.config)
         vision = getattr(model.config, "vision_config", None)
         if family is None or vision is None:  # text, or Chameleon's VQ codes
@@ -87,9 +87,9 @@ class FlopCounter:
         self.vision_layers = getattr(vision, "depth", None) or vision.num_hidden_layers
         self.vision_hidden = vision.hidden_size
         # Qwen2.5-VL: blocks outside fullatt_block_indexes attend within windows of window_size pixels
-        self.full_blocks = set(getattr(vision, "fullatt_block_indexes", None) or range(self.vision_layers))
+        self.full_layers = len(getattr(vision, "fullatt_block_indexes", None) or range(self.vision_layers))
         window = getattr(vision, "window_size", None)
-        self.window = window // self.merge // vision.patch_size if window and len(self.full_blocks) < \
+        self.window = window // self.merge // vision.patch_size if window and self.full_layers < \
             self.vision_layers else None  # in merged tokens per side
 
     def text_forward(self, doc_lengths: Iterable[int]) -> tuple[float, float]:
@@ -107,8 +107,8 @@ class FlopCounter:
             matmuls += 2.0 * (self.per_patch_params * patches + self.per_merged_params * patches / self.merge**2)
             frame = float(h * w) ** 2
             windows = self._window_squares(h, w) if self.window else frame
-            full = len(self.full_blocks)
-            attention += 4.0 * self.vision_hidden * t * (full * frame + (self.vision_layers - full) * windows)
+            attention += 4.0 * self.vision_hidden * t * (self.full_layers * frame
+                                                         + (self.vision_layers - self.full_layers) * windows)
         return matmuls, attention
 
     def _window_squares(self, h: int, w: int) -> float:
