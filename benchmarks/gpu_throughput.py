@@ -191,7 +191,7 @@ def main() -> None:
     config = AutoConfig.for_model("qwen3", num_hidden_layers=args.layers, **(TINY if args.tiny else QWEN3_1_7B))
     model = AutoModelForCausalLM.from_config(config, attn_implementation="zeropad_varlen").to(device)
     model.config.use_cache = False
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     peak = peak_tflops(device, None) or (989.0 if device.type == "cuda" else math.nan)  # a CPU smoke run: no MFU
     docs = documents(4000, config.vocab_size)
     flops = FlopCounter(model)

@@ -140,7 +140,7 @@ def main() -> None:
     print(f"model: Qwen3 shape, {args.layers} layers, {params / 1e6:.1f}M parameters; model states (fp32 weights, "
           f"gradients, AdamW moments) {states / MiB:,.0f} MiB; largest tensor {largest / MiB:,.0f} MiB; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs")
-    print(f"\n| run | peak RSS per rank (MiB) | vs one process |")
+    print("\n| run | peak RSS per rank (MiB) | vs one process |")
     print("|---|---|---|")
     one = rows["one process"][0]
     for name, peaks in rows.items():

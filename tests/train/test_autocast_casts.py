@@ -1,8 +1,6 @@
 """bf16 (autocast, fp32 weights): each weight is cast to bf16 once per optimizer step, however many micro-steps,
 and the gradients are those of casting it in every micro-step."""
 
-import contextlib
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -147,7 +147,7 @@ def test_changed_data_is_refused_on_resume_unless_the_user_chooses(tiny_run, tmp
                             for i in range(30)))
     code, output = cli_train(monkeypatch, capsys, cfg, "resume=auto", "train.steps=5")
     assert code == 2, output
-    assert "the data differs from what" in output and f"data.jsonl is" in output and "records: 30, were 40" in output
+    assert "the data differs from what" in output and "data.jsonl is" in output and "records: 30, were 40" in output
     code, output = cli_train(monkeypatch, capsys, cfg, "resume=auto", "train.steps=5",
                              "checkpoint.resume_data=restart_epoch")
     assert code == 0, output
