@@ -19,8 +19,9 @@ far below, per pack, in one run:
      step's ceiling: the step as if every elementwise op, norm, softmax pass of the loss, the optimizer and Python
      took no time.
 
-MFU counts the model's FLOPs as throughput.py does (6 x the Linear parameters per real token plus causal attention)
-over the peak measured before and after (the higher). "of ceiling" is the step's time over the ceiling's: how much of
+MFU counts the model's FLOPs as throughput.py does (6 x the Linear parameters per real token plus causal attention),
+for each pack its own documents' attention (throughput.py's per-token figure averages it over the data), over the
+peak measured before and after (the higher). "of ceiling" is the step's time over the ceiling's: how much of
 what its kernels allow the step reaches, a figure the machine's drifting speed moves less (each pack's step and
 kernels are timed seconds apart).
 """
@@ -151,13 +152,14 @@ def main() -> None:
             recording.train_one()
         lengths = [len(samples[i]) for i in recording.last_pack]
         matmul_s, matmul_flops, attention_s = kernel_seconds(recorder, args.reps)
-        rows.append(dict(tokens=tokens, docs=len(lengths), **timed, matmul_s=matmul_s, attention_s=attention_s,
+        rows.append(dict(tokens=tokens, docs=len(lengths), flops=counter(lengths), **timed, matmul_s=matmul_s,
+                         attention_s=attention_s,
                          matmul_gflops=matmul_flops / matmul_s / 1e9,
                          matmul_counted=matmul_flops / (6 * flops.matmul_params * tokens),
                          attention_gflops=3 * counter.text_forward(lengths)[1] / attention_s / 1e9))
     peak = max(peak, tp.matmul_peak(args.threads))
 
-    mfu = lambda row, seconds: row["tokens"] * flops.per_token / seconds / peak  # noqa: E731
+    mfu = lambda row, seconds: row["flops"] / seconds / peak  # noqa: E731
     steps = [name for name in ("eager", "compiled") if name in rows[0]]
     head = ("pack", "tokens", "docs", *(f"{n} s" for n in steps), "ceiling s (matmuls + attention)",
             "matmuls alone GFLOP/s", "attention alone GFLOP/s", *(f"MFU {n}" for n in steps), "MFU ceiling",
