@@ -3,6 +3,7 @@ verify harness would catch each one being dropped."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from tinymodels import tiny_config, tiny_model
@@ -148,3 +149,37 @@ def test_runs_of_equal_length_documents_batch_exactly(window):
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
     for got, want in zip(*results):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def _per_document_sdpa(q, k, v, bounds):
+    outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True)
+            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def test_a_strided_head_dim_is_attended_exactly():
+    """The CPU kernel reads head_dim rows as contiguous memory: views whose head dim is strided (x[..., ::2]) give the
+    per-document SDPA result, forward and gradients, as contiguous ones do (before: wrong by ~1, silently)."""
+    torch.manual_seed(0)
+    bounds = [0, 5, 12]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    wide = [torch.randn(1, h, 12, 32, dtype=torch.float64) for h in (4, 2, 2)]
+    q, k, v = (x[..., ::2].requires_grad_() for x in (w.requires_grad_() for w in wide))
+    assert q.stride(-1) == 2
+    grad_out = torch.randn(1, 12, 4, 16, dtype=torch.float64)
+    got, _ = varlen_attention_forward(_attn_module(), q, k, v, None, cu_seq_lens_q=cu)
+    got_grads = torch.autograd.grad(got, wide, grad_out)
+    want = _per_document_sdpa(q, k, v, bounds)
+    want_grads = torch.autograd.grad(want, wide, grad_out)
+    assert (got - want).abs().max() <= 1e-12
+    for a, b in zip(got_grads, want_grads):
+        assert (a - b).abs().max() <= 1e-12
+
+
+def test_an_empty_document_is_skipped():
+    """A repeated boundary (a document of no token) changes nothing; the CPU kernel would divide by its length."""
+    q, k, v = (x.requires_grad_() for x in _qkv(T=9))
+    for bounds in ([0, 4, 4, 9], [0, 0, 4, 9], [0, 4, 9, 9]):
+        got, _ = varlen_attention_forward(_attn_module(), q, k, v, None,
+                                          cu_seq_lens_q=torch.tensor(bounds, dtype=torch.int32))
+        assert (got - _per_document_sdpa(q, k, v, bounds)).abs().max() <= 1e-12, bounds

@@ -143,6 +143,13 @@ def test_logit_softcapping_falls_back_with_a_reason():
     assert "final_logit_softcapping" in chunked_loss_unsupported(model)
 
 
+def test_a_head_between_the_decoder_and_the_output_embedding_falls_back_with_a_reason():
+    """ModernBERT-decoder's logits are decoder(lm_head(h)), and its get_decoder() is that output Linear: the chunked
+    loss (the LM head on the decoder's last hidden state) would skip the prediction head; it used to crash."""
+    model = tiny_model("modernbert-decoder", cls_token_id=1, sep_token_id=2)
+    assert "get_decoder() returns the output embedding" in chunked_loss_unsupported(model)
+
+
 @pytest.mark.parametrize("chunk_tokens", [None, 16], ids=["plain", "chunked"])
 def test_lm_head_runs_on_target_rows_only(chunk_tokens):
     """The pack's target rows: the LM head sees only positions with a target, and loss and gradients equal the

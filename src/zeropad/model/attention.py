@@ -112,7 +112,9 @@ def _doc_batches(bounds: list[int], sliding_window: int | None, dtype, *tensors:
     consecutive documents of one length (fixed-length pretraining chunks) is one batched call: its [1, H, count * n,
     D] slice viewed as [count, H, n, D], no copy. Slices stay 4-D: on CPU, SDPA takes its fused flash kernel only for
     4-D inputs (3-D ones fall back to the generic math path, ~3x slower in forward + backward)."""
-    runs = _runs([end - start for start, end in zip(bounds[:-1], bounds[1:])])
+    # An empty document (repeated boundary) holds no token: it is dropped, not handed to a kernel (the CPU one
+    # divides by its length)
+    runs = [run for run in _runs([end - start for start, end in zip(bounds[:-1], bounds[1:])]) if run[1] > 0]
     sizes = [count * n for count, n in runs]
     for (count, n), *parts in zip(runs, *(x.split(sizes, dim=2) for x in tensors)):
         window = sliding_window if sliding_window is not None and sliding_window < n else None
@@ -138,6 +140,12 @@ _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def _unit_stride_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    # The kernels read each row of head_dim as contiguous memory (SDPA checks that before calling them; these ops
+    # call them directly): a strided head dim, a view such as x[..., ::2], is copied first.
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in tensors]
+
+
 def _tokens_major(x: torch.Tensor, width: int) -> torch.Tensor:
     """An empty [1, H, T, width] laid out [1, T, H, width], as _pack_tokens returns."""
     return x.new_empty((1, x.shape[2], x.shape[1], width)).transpose(1, 2)
@@ -147,6 +155,7 @@ def _tokens_major(x: torch.Tensor, width: int) -> torch.Tensor:
 def cpu_flash_per_doc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                       sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention per document: ([1, H, T, Dv] output, [1, H, T] logsumexp)."""
+    q, k, v = _unit_stride_rows(q, k, v)
     outs, lses = [], []
     for (qd, kd, vd), mask in _doc_batches(cu_seqlens.tolist(), sliding_window, q.dtype, q, k, v):
         out, lse = _cpu_flash(qd, kd, vd, 0.0, mask is None, attn_mask=mask, scale=scale)
@@ -165,6 +174,7 @@ def _(q, k, v, cu_seqlens, scale, sliding_window):
 def _cpu_flash_per_doc_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
                                 sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad, q, k, v, out = _unit_stride_rows(grad, q, k, v, out)
     grads = []
     for (gd, qd, kd, vd, od, lse_d), mask in _doc_batches(cu_seqlens.tolist(), sliding_window, q.dtype,
                                                           grad, q, k, v, out, lse):

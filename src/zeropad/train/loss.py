@@ -164,6 +164,10 @@ def chunked_loss_unsupported(model: torch.nn.Module) -> str | None:
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the output embedding is a {type(head).__name__}, not a plain Linear (e.g. adapted by LoRA)"
+    if any(module is head for module in _backbone(model).modules()):
+        # ModernBERT-decoder: get_decoder() is the output embedding itself, and a prediction head (dense, activation,
+        # norm) runs between the decoder's last hidden state and it
+        return "get_decoder() returns the output embedding, not the decoder whose last hidden state the LM head reads"
     return None
 
 

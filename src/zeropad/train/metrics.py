@@ -8,6 +8,9 @@ the decoder's linear layers and the LM head, the input embedding being a lookup;
 at num_experts_per_tok / num_experts of their weights (what a token actually runs), its router and shared experts
 in full. Causal attention adds, per layer and document of L tokens, 2 x L^2 / 2 x heads x (qk + v head dims): the
 scores and the weighted values over the causal half (PaLM, appendix B); a sliding-window layer over its band.
+These are the model's FLOPs, as MFU defines them, not the ones a run happens to execute: the LM head counts on every
+token although zeropad runs it on target positions only, and a run with frozen weights (LoRA, train.freeze), which
+computes no gradient for them, is counted as full training (up to 1.5x the work it does).
 
 A vision-language model's tower runs per image patch: every Linear and Conv weight of the modules outside the
 language model (the vision tower and its projector) once per patch, except the patch mergers and projectors
