@@ -86,6 +86,25 @@ def test_parquet(tmp_path):
     ]
 
 
+def test_a_parquet_file_mixing_formats_is_detected_record_by_record(tmp_path):
+    """Parquet gives every record every column, None where the record has none: auto-detection reads None as
+    absent (it used to send the alpaca and text rows to the messages reader, refused or silently skipped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zeropad.data.formats import Text, detect_format, to_conversation
+
+    rows = [{"instruction": "Say hi", "output": "hi"}, {"text": "A pretraining document."},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}]
+    path = tmp_path / "mix.parquet"
+    columns = ("instruction", "output", "text", "messages")
+    pq.write_table(pa.Table.from_pydict({key: [row.get(key) for row in rows] for key in columns}), path)
+    records = list(read_records(path))
+    assert records[0][1]["messages"] is None and records[1][1]["instruction"] is None  # the columns parquet fills in
+    assert [detect_format(r, str(path), n) for n, r in records] == ["alpaca", "text", "messages"]
+    assert to_conversation(records[1][1], "auto", str(path), 2) == Text("A pretraining document.")
+
+
 def test_save_to_disk_dataset_and_datasetdict_train_split(tmp_path):
     import datasets
 

@@ -83,14 +83,18 @@ class Text:
 
 def detect_format(record: dict, file: str, record_no: int) -> str:
     """The format a record's keys point to; a record missing a required field of that format
-    is still detected, so the error it gets names the missing field."""
-    if "messages" in record:
+    is still detected, so the error it gets names the missing field. A key whose value is None counts as absent:
+    parquet files and saved datasets give every record every column, None where it has none."""
+    def has(key: str) -> bool:
+        return record.get(key) is not None
+
+    if has("messages"):
         return "messages"
-    if "conversations" in record:
+    if has("conversations"):
         return "sharegpt"
-    if "instruction" in record or "output" in record:
+    if has("instruction") or has("output"):
         return "alpaca"
-    if "text" in record:
+    if has("text"):
         return "text"
     raise DataError(
         file,
