@@ -151,6 +151,11 @@ def test_resume_from_an_older_checkpoint_moves_newer_ones_aside(trained, capsys)
     assert "moved 1 newer checkpoint(s)" in capsys.readouterr().out
     assert (root / "superseded" / "step_000008" / MANIFEST).is_file()
     assert [step for step, _ in step_dirs(root)] == [6, 8]
+    # Resumed from step 6 again: the step 8 it wrote goes aside beside the first one, which is kept (it was deleted)
+    first = (root / "superseded" / "step_000008" / MANIFEST).read_text()
+    train(cfg.model_copy(update={"resume": str(root / "step_000006")}))
+    assert (root / "superseded" / "step_000008" / MANIFEST).read_text() == first
+    assert (root / "superseded" / "step_000008.1" / MANIFEST).is_file()
 
 
 def test_no_usable_checkpoint_at_all_is_an_error(trained):

@@ -471,8 +471,12 @@ def supersede_newer(root: Path, step: int, say=print) -> None:
     aside = root / "superseded"
     aside.mkdir(exist_ok=True)
     for path in newer:
-        shutil.rmtree(aside / path.name, ignore_errors=True)
-        os.rename(path, aside / path.name)
+        # a second resume from the same point supersedes a second step_N: .1, .2, ... beside the first, kept too
+        target, k = aside / path.name, 0
+        while target.exists():
+            k += 1
+            target = aside / f"{path.name}.{k}"
+        os.rename(path, target)
     say(f"resume: moved {len(newer)} newer checkpoint(s) to {aside} (kept, not deleted)")
 
 
