@@ -105,6 +105,15 @@ def test_a_parquet_file_mixing_formats_is_detected_record_by_record(tmp_path):
     assert to_conversation(records[1][1], "auto", str(path), 2) == Text("A pretraining document.")
 
 
+def test_a_byte_order_mark_opening_a_file_is_not_data(tmp_path):
+    """UTF-8 with a BOM (as some editors save it): the first record is read, not refused as invalid JSON."""
+    jsonl, whole = tmp_path / "a.jsonl", tmp_path / "b.json"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n{"text": "b"}\n')
+    whole.write_bytes(b"\xef\xbb\xbf" + b'[{"text": "a"}]')
+    assert list(read_records(jsonl)) == [(1, {"text": "a"}), (2, {"text": "b"})]
+    assert list(read_records(whole)) == [(1, {"text": "a"})]
+
+
 def test_save_to_disk_dataset_and_datasetdict_train_split(tmp_path):
     import datasets
 

@@ -189,6 +189,20 @@ def test_export_round_trip_logits_equal(trained, tmp_path):
     assert (trained_logits - exported_logits).abs().max().item() <= 1e-6
 
 
+def test_export_of_a_truncated_checkpoint_names_the_file(trained, tmp_path):
+    """Every file is checked against the manifest before any is read: a truncated config.json is named, not left to
+    a JSON parser's traceback."""
+    cfg, _ = trained
+    ckpt = tmp_path / "step_000008"
+    shutil.copytree(checkpoint_root(cfg.output_dir) / "step_000008", ckpt)
+    config = ckpt / "config.json"
+    config.write_text(config.read_text()[:40])
+    cli = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "hf")])  # main() prints it, exit code 2
+    assert isinstance(cli.exception, CorruptCheckpoint), cli.output
+    assert "config.json is 40 bytes" in str(cli.exception) and "truncated" in str(cli.exception)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_second_sigint_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(guard.os, "_exit", lambda code: exits.append(code))

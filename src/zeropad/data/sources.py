@@ -82,7 +82,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as err:
                 yield line_no, DataError(file, line_no, f"not valid UTF-8 (byte {err.start + 1} of the line)")
                 continue
@@ -100,7 +100,7 @@ def _json_records(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     file = str(path)
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark may open the file
     except UnicodeDecodeError as err:
         line_no = data[: err.start].count(b"\n") + 1
         raise DataError(file, None, f"not valid UTF-8 at line {line_no}") from None

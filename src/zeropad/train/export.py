@@ -79,6 +79,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, max_shard_siz
     The weights are read from the checkpoint one shard of the output at a time (`save_hf_model`), so the model is
     never whole in memory; max_shard_size defaults to the run's checkpoint.max_shard_size."""
     path = resolve_checkpoint(checkpoint)
+    verify(path)  # every file whole before any is read: a truncated config names itself, not a JSON parser
     run = run_config(path)
     # On the meta device: the names, shapes and config, and no memory for the weights.
     model = _ready_to_generate(build_model(checkpoint_model_config(path), device="meta", lora=True), path)
