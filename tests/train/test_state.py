@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,22 @@ def test_lora_with_activation_checkpointing_resumes_exactly_and_exports_merged(t
     assert [r["loss"] for r in step_records(out)] == losses
     resumed = load_file(out / "final/model.safetensors")
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_resuming_a_finished_run_re_reports_it_and_past_its_steps_is_refused(trained, capsys):
+    """At train.steps, nothing trains and the summary keeps the last step's loss (it became NaN); with train.steps
+    below the checkpoint's step the run is refused before anything moves (it reported a step count final/ lacked)."""
+    cfg, _ = trained
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    again = cfg.model_copy(update={"resume": "auto"})
+    result = train(again)
+    assert "already at train.steps=8" in capsys.readouterr().out
+    assert result.final_loss == summary["final_loss"] == step_records(cfg.output_dir)[-1]["loss"]
+    assert json.loads((Path(cfg.output_dir) / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+    fewer = cfg.model_copy(update={"resume": "auto", "train": cfg.train.model_copy(update={"steps": 6})})
+    with pytest.raises(ConfigError, match=r"step_000008 is at step 8, past train.steps=6"):
+        train(fewer)
+    assert [step for step, _ in step_dirs(checkpoint_root(cfg.output_dir))] == [6, 8]
 
 
 def test_resume_with_more_steps_continues_and_names_the_config_change(trained, capsys):

@@ -103,6 +103,10 @@ class RunGuard:
                 _trim_metrics(self.output_dir / "metrics.jsonl", None)
             return 0
         path, self.position = found
+        if self.position.step > self.cfg.train.steps:  # before anything is moved aside or trimmed
+            raise ConfigError(f"resume: {path} is at step {self.position.step}, past train.steps="
+                              f"{self.cfg.train.steps}; raise train.steps to train on from it, or export it "
+                              f"(zeropad export {path} OUT_DIR)")
         if self.data is not None:  # refused here, or the checkpoint.resume_data choice applied to position
             self.data_note = check_resume_data(path, self.data, self.cfg.checkpoint.resume_data, self.position,
                                                self.say)

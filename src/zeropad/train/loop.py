@@ -216,6 +216,10 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     steps_iter = Prefetch(step_packs(loader, cfg.train.grad_accum, world, rank, collate_fn, cfg.parallel.sp_size),
                           _pinned if device.type == "cuda" else None)
     result, eval_loss = StepResult(math.nan, math.nan, math.nan), None
+    if start == cfg.train.steps:  # resumed at its last step: none to train; the loss that step logged is reported
+        progress.write(f"zeropad: the run is already at train.steps={start}: no step to train; final/ and "
+                       "summary.json are written again from that checkpoint")
+        result = StepResult(logger.logged_loss(start), math.nan, math.nan)
     stop.arm()
     try:
         for step in range(start + 1, cfg.train.steps + 1):

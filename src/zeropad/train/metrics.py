@@ -159,6 +159,15 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
 
+    def logged_loss(self, step: int) -> float:
+        """The training loss metrics.jsonl holds for `step` (NaN if none): a run resumed at its last step trains
+        no step, and reports the loss that step had."""
+        if not self.path.is_file():
+            return math.nan
+        losses = [record["loss"] for record in map(json.loads, self.path.read_text().splitlines())
+                  if record.get("step") == step and "loss" in record]
+        return losses[-1] if losses else math.nan
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
