@@ -62,6 +62,15 @@ def test_unknown_target_module_is_a_config_error():
         apply_lora(tiny_model("qwen3"), LoraConfig(target_modules=["no_such_proj"]))
 
 
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_an_adapter_on_a_tied_weight_is_refused(target):
+    """The LM head and the input embedding share one weight: an adapter on either use could not be merged into it
+    for final/ (the head's adapter was silently dropped there). Untied, the head is adapted as any Linear."""
+    with pytest.raises(ConfigError, match=rf"adapts .*{target}, whose weight is the input embedding's too"):
+        apply_lora(tiny_model("qwen3", tie_word_embeddings=True), LoraConfig(target_modules=["q_proj", target]))
+    apply_lora(tiny_model("qwen3", tie_word_embeddings=False), LoraConfig(target_modules=["q_proj", target]))
+
+
 def test_training_with_lora_checkpointing_and_offload_exports_merged_weights(tmp_path):
     model_dir = tmp_path / "model"
     build_tokenizer(model_dir)

@@ -37,10 +37,21 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig | None, seed: int | None 
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
+    shared = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is shared
     try:
         model = peft.get_peft_model(model, lora)
     except ValueError as err:  # peft names unmatched target modules in its ValueError
         raise ConfigError(f"model.lora.target_modules: {err}") from None
+    on_shared = [name for name, layer in adapter_layers(model)
+                 if tied and getattr(layer.get_base_layer(), "weight", None) is shared]
+    if on_shared:
+        # Training adapts one use of the weight (the head's, or the lookup's); merging it for final/ changes both
+        name = on_shared[0].removeprefix("base_model.model.")
+        raise ConfigError(f"model.lora.target_modules adapts {name}, whose weight is the input embedding's too "
+                          "(tie_word_embeddings): its adapter cannot be merged into the one shared weight; leave it "
+                          "out of target_modules")
     if seed is not None:
         init_adapters(model, seed)
     return model
