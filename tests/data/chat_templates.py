@@ -127,11 +127,18 @@ MISTRAL = """{{ bos_token }}{% for message in messages %}
 {%- else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}
 {%- endfor %}"""
 
+# Phi-3's: the eos token once, after the last message (OLMo's does the same)
+PHI3 = """{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}
+{%- elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}
+{%- elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}
+{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"""
+
 CHATML = DEFAULT_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = [
     "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
     "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "[INST]", "[/INST]",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
 ]
 
 

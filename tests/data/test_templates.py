@@ -7,6 +7,7 @@ from chat_templates import (
     GEMMA,
     LLAMA3,
     MISTRAL,
+    PHI3,
     QWEN3,
     char_tokenizer,
     target_runs,
@@ -87,6 +88,9 @@ CASES = {
                       "It is 21 C in Paris.<|eot_id|>"]),
     "gemma": (GEMMA, "<bos>", "<eos>", TWO_TURNS, None, {}, ["Hello!<end_of_turn>\n", "4<end_of_turn>\n"]),
     "mistral": (MISTRAL, "<s>", "</s>", TWO_TURNS, None, {}, ["Hello! \n</s>", "4</s>"]),
+    # The eos after the last message ends the last turn only (multi-turn records were refused).
+    "phi3": (PHI3, None, "<|endoftext|>", SYSTEM + TWO_TURNS, None, {},
+             ["Hello! \n<|end|>\n", "4<|end|>\n<|endoftext|>"]),
 }
 
 

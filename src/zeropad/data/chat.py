@@ -132,7 +132,7 @@ def tokenize_conversation(conv: Conversation, tokenizer, train_on_prompt: bool,
         return Sample(np.asarray(out["input_ids"], dtype=np.int32), np.asarray(out["assistant_masks"], dtype=bool))
     if messages[0]["role"] == "assistant":  # no prompt precedes it, so no rendering says where it starts
         raise SampleError("the conversation opens with an assistant turn: put the user turn it answers before it")
-    spans = assistant_spans(render, messages, full)
+    spans = assistant_spans(render, messages, full, tokenizer.eos_token)
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     token_ends = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 1]
     loss_mask = np.zeros(len(token_ends), dtype=bool)

@@ -15,7 +15,9 @@ Nothing here assumes they do. Every turn is found in the one final rendering:
    the earlier turns render differently is still found.
 3. Turn i ends after the template's end-of-turn text (what follows an assistant reply in a two-message
    rendering, such as `<|im_end|>\\n`, `<|eot_id|>`, `<end_of_turn>\\n`, `</s>`), searched from the end of
-   the turn's content (or its start, for a turn with no content, e.g. only tool calls) to the next mark.
+   the turn's content (or its start, for a turn with no content, e.g. only tool calls) to the next mark. A
+   template that writes the eos token once, after the last message (Phi-3, OLMo), ends the earlier turns
+   without it.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ def _cannot(reason: str) -> ChatTemplateError:
                              "{% endgeneration %}, or set data.train_on_prompt: true")
 
 
-def assistant_spans(render: Render, messages: list[dict], full: str) -> list[tuple[int, int]]:
+def assistant_spans(render: Render, messages: list[dict], full: str, eos_token: str | None = None
+                    ) -> list[tuple[int, int]]:
     """[start, end) character spans of `full` (the rendering of `messages`) holding each assistant turn as
-    the model must produce it: reasoning, content, tool calls and the end-of-turn text."""
+    the model must produce it: reasoning, content, tool calls and the end-of-turn text. `eos_token`: the
+    tokenizer's, which some templates write once after the last message (see `_end_of_turn`)."""
     marks = next((m for m in ([chr(b + k) for k in range(len(messages))] for b in _MARK_BASES)
                   if not _mark_pattern(m).search(full)), None)
     if marks is None:
@@ -62,6 +66,9 @@ def assistant_spans(render: Render, messages: list[dict], full: str) -> list[tup
         raise _cannot("the chat template changes the text of the messages it renders (a character appended to "
                       "a message's content did not come out where it went in)")
     footer = _end_of_turn(render)
+    # Phi-3 and OLMo write the eos token after the conversation's last message: the two-message rendering's
+    # end-of-turn then ends with it, and a turn before the last ends without it.
+    footers = [footer, footer.removesuffix(eos_token)] if eos_token and footer.endswith(eos_token) else [footer]
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -76,10 +83,13 @@ def assistant_spans(render: Render, messages: list[dict], full: str) -> list[tup
         after = low if content_end is None else content_end
         bound = min((p for p in later if p >= after), default=len(full))
         start = low + _common_prefix(full[low:bound if content_end is None else content_end], tail)
-        end = full.find(footer, start if content_end is None else content_end, bound)
+        for turn_footer in footers:
+            end = full.find(turn_footer, start if content_end is None else content_end, bound)
+            if end >= 0:
+                break
         if end < 0:
             raise _cannot(f"the end-of-turn text {footer!r} does not follow assistant message {i + 1}")
-        spans.append((start, end + len(footer)))
+        spans.append((start, end + len(turn_footer)))
     return spans
 
 
