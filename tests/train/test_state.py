@@ -68,8 +68,11 @@ def test_data_counts_reach_metrics_and_summary(trained):
 
 def test_a_fresh_run_refuses_to_mix_with_an_earlier_ones_checkpoints(trained):
     cfg, _ = trained
+    written = (Path(cfg.output_dir) / "config.json").read_text()
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-5})})
     with pytest.raises(ConfigError, match="resume=auto"):
-        train(cfg)
+        train(other)
+    assert (Path(cfg.output_dir) / "config.json").read_text() == written  # the refused run's config is not written
 
 
 def test_resume_auto_falls_back_past_a_truncated_newest_and_says_why(trained, capsys):

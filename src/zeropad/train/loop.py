@@ -195,6 +195,9 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     guard = RunGuard(cfg, model, optimizer, setup.scheduler, loader, tokenizer, stop)
     guard.data = run_fingerprint(cfg, tokenizer, report.num_records)
     start = guard.resume()  # before the logger appends: metrics.jsonl keeps only records up to `start`
+    if main:  # once resume has accepted the run: a refused one leaves the earlier run's config.json as it was
+        with storage.writing("the run's config.json", output_dir):
+            (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     logger = MetricsLogger(output_dir, cfg.log.tensorboard, enabled=main)
     if start == 0:
         logger.log({"step": 0, "data": report.counts()})

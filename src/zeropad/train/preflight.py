@@ -30,7 +30,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msg
 def check(cfg: Config) -> None:
     """NotEnoughSpace (exit code 5) when OUTPUT_DIR cannot be written, or has less free space than the run
     writes and checkpoint.on_low_disk is refuse (warn: a warning, and the run goes on). Every rank checks and
-    all agree, so that none starts while another stops. Writes OUTPUT_DIR/config.json (rank 0)."""
+    all agree, so that none starts while another stops."""
     out = Path(cfg.output_dir)
     try:
         storage.agreed(lambda: _probe(out, cfg), "OUTPUT_DIR", out)
@@ -59,8 +59,6 @@ def _probe(out: Path, cfg: Config) -> None:
         probe.write_text("zeropad checks that it can write here\n")
     finally:
         probe.unlink(missing_ok=True)
-    if distributed.is_main():
-        (out / "config.json").write_text(cfg.model_dump_json(indent=2))
 
 
 def disk_needs(cfg: Config) -> dict[str, int]:
