@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from tinymodels import tiny_model
 from zeropad.cli import app
 from zeropad.demo.tokenizer import build_tokenizer
+from zeropad.errors import ConfigError
 
 runner = CliRunner()
 
@@ -116,3 +117,7 @@ def test_streaming_train_with_separate_eval_source(model_dir, tmp_path):
     assert max(r.get("epoch", 0) for r in records) >= 1
     assert "eval_loss" in records[-1]
     assert all(r["tokens"] <= 128 for r in records if "tokens" in r)
+    # eval.split cannot hold out part of a stream: refused (it trained on all the data, with no eval, silently)
+    result = runner.invoke(app, ["train", str(config), f"output_dir={tmp_path / 'split'}", "eval.sources=[]",
+                                 "eval.split=0.2"])
+    assert isinstance(result.exception, ConfigError) and "give eval.sources" in str(result.exception), result.output

@@ -118,7 +118,8 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training samples held out for eval.")
+    split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training samples held out for eval (not with "
+                       "`pack.streaming`: give `eval.sources`).")
     sources: list[SourceConfig] = Field(default_factory=list, description="Separate eval datasets (entries as in `data.sources`).")
     every_steps: int = Field(0, ge=0, description="Eval every N steps (0 = only at the end).")
 

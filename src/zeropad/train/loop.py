@@ -87,6 +87,9 @@ def _prepare_data(cfg: Config, tokenizer, processor=None, model_config=None
     else:
         loader = load_target_samples if images_are_targets(model_config) else load_vision_samples
         load = lambda sources: loader(cfg, sources, tokenizer, processor, model_config)  # noqa: E731
+    if cfg.pack.streaming and cfg.eval.split > 0:  # before any data is read (it trained on all of it, silently)
+        raise ConfigError("eval.split holds out part of the data, but pack.streaming never has the data in hand to "
+                          "hold any out: give eval.sources (held-out files) instead, or set pack.streaming=false")
     eval_samples = load(cfg.eval.sources)[0] if cfg.eval.sources else []
     if cfg.pack.streaming:
         report = SampleReport()
