@@ -21,7 +21,9 @@ from transformers import Qwen2VLImageProcessorPil
 
 from zeropad.data.chat import ensure_chat_template
 from zeropad.data.vision import (
+    BadImageError,
     image_grid,
+    image_size,
     iter_vision_docs,
     load_image,
     read_image_conversation,
@@ -31,6 +33,7 @@ from zeropad.data.vision import (
     visual_token_count,
 )
 from zeropad.data.kimi_image import Kimi_K25ImageProcessorPil
+from zeropad.family import num_image_tokens
 from zeropad.errors import DataError, ZeropadError
 from zeropad.verify import TOLERANCE
 
@@ -227,6 +230,35 @@ def test_image_modes_count_and_convert(tmp_path, mode):
     processor = make_processor()
     assert load_image(path).mode == "RGB"
     assert visual_token_count(path, processor) == processor_tokens(path, processor)
+
+
+def test_an_image_is_loaded_as_it_is_shown(tmp_path):
+    """EXIF orientation applied, in the planned size and the pixels alike (a phone photo was trained on its side);
+    transparency on white, as transformers' convert_to_rgb puts it (it turned black: a drawing on a clear
+    background was lost)."""
+    photo = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 224 x 112, shown turned a quarter: 112 x 224
+    Image.new("RGB", (224, 112), (200, 30, 30)).save(photo, exif=exif)
+    assert image_size(photo) == load_image(photo).size == (112, 224)
+    processor = make_processor()
+    assert visual_token_count(photo, processor) == num_image_tokens(image_grid(112, 224, processor), 2)
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(clear)
+    assert np.asarray(load_image(clear)).min() == 255
+
+
+def test_images_zeropad_cannot_keep_are_named(tmp_path, monkeypatch):
+    """16-bit values past 255 (clipped to white by any RGB conversion) and images past PIL's decompression-bomb
+    limit (its error is no OSError: it stopped the whole data load) are BadImageErrors, which name the record."""
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)).save(deep)
+    with pytest.raises(BadImageError, match="convert the image to 8 bits"):
+        load_image(deep)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    big = save_image(tmp_path / "big.png", (40, 30))
+    with pytest.raises(BadImageError, match="too large to decode safely"):
+        image_size(big)
 
 
 def conversation(*user_texts, reply="Paris is the capital.") -> list[dict]:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from transformers.image_transforms import convert_to_rgb
 
 # The PIL-backend module: the torchvision one (image_processing_qwen2_vl) does not import without torchvision.
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -84,9 +85,11 @@ def _navit_grid(height: int, width: int, processor) -> tuple[int, int]:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding pixels; BadImageError if unusable."""
+    """(width, height) as the image is shown (its EXIF orientation applied), from the header, without decoding
+    pixels; BadImageError if unusable."""
     with _open(path) as image:
-        return image.size
+        width, height = image.size
+        return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)  # turned a quarter
 
 
 def visual_token_count(image_path: str | Path, processor, fixed: int | None = None) -> int:
@@ -99,12 +102,29 @@ def visual_token_count(image_path: str | Path, processor, fixed: int | None = No
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """The decoded RGB image; BadImageError if missing, unreadable, empty or corrupt (also past the header)."""
+    """The decoded RGB image as it is shown: EXIF orientation applied (as transformers' and qwen-vl-utils'
+    loaders do), transparency composited onto white (transformers' convert_to_rgb); BadImageError if missing,
+    unreadable, empty or corrupt (also past the header), or of more than 8 bits a value (clipping would lose it)."""
     with _open(path) as image:
         try:
-            return image.convert("RGB")
+            image.load()
         except (OSError, ValueError, SyntaxError) as err:  # truncated or damaged pixel data
             raise BadImageError(f"corrupt image data: {err}") from None
+        if image.mode.startswith(("I", "F")) and image.getextrema()[1] > 255:
+            raise BadImageError(f"{image.mode} pixels (values up to {image.getextrema()[1]:g}): RGB keeps 8 bits, so "
+                                "every value above 255 would turn white; convert the image to 8 bits first")
+        if _orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
+        return Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: as stored) the header gives. A PNG's eXIf chunk counts only when it comes before
+    the pixels (reading one after them decodes the image): the size planned from the header and the loaded
+    image then agree."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -117,6 +137,8 @@ def _open(path: str | Path) -> Image.Image:
         if path.stat().st_size == 0:
             raise BadImageError("empty file (0 bytes)")
         image = Image.open(path)
+    except Image.DecompressionBombError as err:  # not an OSError: it would stop the whole data load
+        raise BadImageError(f"too large to decode safely ({err})") from None
     except UnidentifiedImageError:
         raise BadImageError("not an image format PIL can read (corrupt or not an image)") from None
     except OSError as err:
