@@ -28,6 +28,8 @@ EQUIVALENT = [
      "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "five"}]},
     {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],  # TRL, implicit prompt
      "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "five"}]},
+    # a TRL row of a parquet file or saved dataset that also holds LLaMA-Factory rows: the column is there, None
+    {"conversations": None, "prompt": "2+2?", "chosen": "4", "rejected": "five"},
 ]
 
 
@@ -44,6 +46,26 @@ def test_every_form_gives_the_same_pair_with_answer_only_targets(tokenizer):
     assert _targets(pairs[0].chosen, tokenizer) == "4<|im_end|>\n"
     assert _targets(pairs[0].rejected, tokenizer) == "five<|im_end|>\n"
     assert len(pairs[0]) == len(pairs[0].chosen) + len(pairs[0].rejected)
+
+
+def test_pairs_render_with_the_chat_template_kwargs_as_sft_does(tmp_path):
+    """data.chat_template_kwargs reach the pairs' rendering (Qwen3's enable_thinking=false: the empty think block
+    in the prompt), as they reach an SFT conversation's; they were left out."""
+    from chat_templates import QWEN3, char_tokenizer
+
+    from zeropad.data.chat import tokenize_conversation
+    from zeropad.data.formats import to_conversation
+
+    tokenizer = char_tokenizer(QWEN3, None, "<|im_end|>")
+    kwargs = {"enable_thinking": False}
+    pair = tokenize_pair(EQUIVALENT[1], "f.json", 1, tokenizer, kwargs)
+    conversation = {"messages": EQUIVALENT[2]["prompt"] + EQUIVALENT[2]["chosen"]}
+    sft = tokenize_conversation(to_conversation(conversation, "messages", "f.json", 1), tokenizer, False, kwargs)
+    np.testing.assert_array_equal(pair.chosen.input_ids, sft.input_ids)
+    np.testing.assert_array_equal(pair.chosen.loss_mask, sft.loss_mask)
+    # without it the empty think block is the answer's: the kwarg shows in the targets, so dropping it would show
+    without = tokenize_pair(EQUIVALENT[1], "f.json", 1, tokenizer)
+    assert without.chosen.loss_mask.sum() > pair.chosen.loss_mask.sum()
 
 
 def test_a_multi_turn_prompt_trains_only_the_final_answer(tokenizer):

@@ -54,7 +54,7 @@ def to_pair_messages(record: dict, file: str, record_no: int) -> tuple[list[Mess
     if not is_preference_record(record):
         raise check.error(f"not a preference record (keys {sorted(record)}): expected 'chosen' and 'rejected' with "
                           "'prompt' (TRL) or 'conversations' (LLaMA-Factory)")
-    if "conversations" in record:  # LLaMA-Factory
+    if record.get("conversations") is not None:  # LLaMA-Factory (None: a column parquet fills in for TRL rows)
         prompt = _sharegpt(check)
         chosen, rejected = _turn(check, "chosen"), _turn(check, "rejected")
     elif record.get("prompt") is not None:  # TRL, explicit prompt
@@ -108,19 +108,22 @@ def _side(check: _Checker, key: str, role_of_string: str) -> list[Message]:
     return messages
 
 
-def _completion(prompt: list[Message], answer: list[Message], tokenizer) -> Sample:
+def _completion(prompt: list[Message], answer: list[Message], tokenizer, template_kwargs: dict | None) -> Sample:
     """prompt + answer tokenized; targets only in the answer (assistant turns of the prompt are context)."""
-    sample = tokenize_conversation(Conversation(tuple(prompt + answer)), tokenizer, train_on_prompt=False)
-    in_prompt = int(tokenize_conversation(Conversation(tuple(prompt)), tokenizer, False).loss_mask.sum())
+    render = lambda messages: tokenize_conversation(Conversation(tuple(messages)), tokenizer, False,  # noqa: E731
+                                                    template_kwargs)
+    sample = render(prompt + answer)
+    in_prompt = int(render(prompt).loss_mask.sum())
     mask = sample.loss_mask.copy()
     mask[np.flatnonzero(mask)[:in_prompt]] = False
     return Sample(sample.input_ids, mask)
 
 
-def tokenize_pair(record: dict, file: str, record_no: int, tokenizer) -> Pair:
+def tokenize_pair(record: dict, file: str, record_no: int, tokenizer, template_kwargs: dict | None = None) -> Pair:
+    """The pair's two sides, rendered as SFT renders a conversation (data.chat_template_kwargs included)."""
     prompt, chosen, rejected = to_pair_messages(record, file, record_no)
     try:
-        pair = Pair(_completion(prompt, chosen, tokenizer), _completion(prompt, rejected, tokenizer))
+        pair = Pair(*(_completion(prompt, answer, tokenizer, template_kwargs) for answer in (chosen, rejected)))
     except SampleError as err:
         raise DataError(file, record_no, str(err)) from None
     for name, side in (("chosen", pair.chosen), ("rejected", pair.rejected)):
@@ -143,7 +146,7 @@ def load_pairs(sources: list[SourceConfig], cfg: DataConfig, tokenizer, *, max_t
             try:
                 if isinstance(record, DataError):
                     raise record
-                pair = tokenize_pair(record, source.path, record_no, tokenizer)
+                pair = tokenize_pair(record, source.path, record_no, tokenizer, cfg.chat_template_kwargs)
             except DataError as err:
                 policy.bad(source.path, record_no, err.reason)
                 continue
