@@ -174,14 +174,16 @@ def test_reference_cache_is_read_back_and_keyed_by_model_and_pairs(tmp_path):
     assert reference_cache_file(cfg, pairs[:-1]) != path
 
 
-def test_train_dpo_on_llama_factory_pairs(tiny_run, tmp_path):
+def test_train_dpo_on_llama_factory_pairs(tiny_run, tmp_path, capsys):
     data = tmp_path / "dpo_en_demo.json"
     data.write_text(json.dumps([
         {"conversations": [{"from": "human", "value": f"Name {i}"}], "chosen": {"from": "gpt", "value": f"{i}"},
          "rejected": {"from": "gpt", "value": f"not {i + 7}"}} for i in range(24)]))
     cfg = tiny_run(data={"sources": [{"path": str(data)}]}, pack={"max_tokens": 160},
                    train={"objective": "dpo", "steps": 4, "grad_accum": 2, "beta": 0.2}, eval={"split": 0.2})
+    cfg["model"]["config"]["attention_dropout"] = 0.1  # turned off, as TRL does: else step 1 was not ln 2
     train(build_config(cfg))
+    assert "dropout off in 2 module(s) for train.objective=dpo" in capsys.readouterr().out  # the 2 layers
     records = step_records(tmp_path / "out")
     assert abs(records[0]["loss"] - math.log(2)) <= 1e-6  # step 1: the policy is the reference
     assert records[0]["rewards/accuracy"] == 0.0 and records[0]["rewards/margin"] == 0.0

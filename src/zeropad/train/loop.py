@@ -45,7 +45,8 @@ from zeropad.train.guard import RunGuard, StopSignals, named_storage_faults
 from zeropad.train.oom import StepMemory
 from zeropad.train.metrics import FlopCounter, MetricsLogger, Progress, media_grids, peak_tflops, plot_losses
 from zeropad.train.moe import RouterStats
-from zeropad.train.preference import attach_reference, build_objective, check_preference, collate_pairs, prepare_pairs
+from zeropad.train.preference import (attach_reference, build_objective, check_preference, collate_pairs,
+                                      disable_dropout, prepare_pairs)
 from zeropad.train.optim import apply_freeze, build_optimizer, build_scheduler, describe_groups, group_lrs
 from zeropad.train.step import StepResult, StepSetup, evaluate, train_step
 
@@ -172,8 +173,10 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     ) if not images_are_targets(model_config) else ImageTargetCollator(  # Emu3: encodes the pack's images
         base_model.config, processor, image_encoder(base_model), cfg.data.on_bad_sample, report)
     objective = build_objective(cfg)
+    dropout_off = 0
     if objective is not None:  # a pair's chosen and rejected answers, two documents of one pack
         collate_fn = collate_pairs
+        dropout_off = disable_dropout(model)
     sp = ulysses.active()
     if sp is not None:  # every rank of an SP group collates the same pack and keeps its token range
         if processor is not None:  # a VLM embeds the whole pack (all its images); its decoder keeps the range
@@ -215,6 +218,9 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
         progress.write(f"zeropad: parameter groups: {describe_groups(groups)}")
     if chunked_off:
         progress.write(f"zeropad: memory.chunked_loss is off for this model: {chunked_off}")
+    if dropout_off:
+        progress.write(f"zeropad: dropout off in {dropout_off} module(s) for train.objective={cfg.train.objective}, "
+                       "as TRL's trainers do: the policy and its reference compare on the same forward")
     peak = peak_tflops(device, cfg.log.peak_tflops)
 
     memory = StepMemory(cfg, model, optimizer, guard, device)

@@ -132,6 +132,19 @@ class PreferenceObjective:
         return {prefix + name: value for name, value in zip(METRICS, values)}
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn the model's dropout off, as TRL's preference trainers do by default: the policy is then compared with its
+    reference (computed in eval mode) on the same forward, and DPO starts at ln 2. Every nn.Dropout (LoRA's
+    included) and the attention dropout transformers' attention modules keep as a float; how many were on."""
+    turned_off = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, turned_off = 0.0, turned_off + 1
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout, turned_off = 0.0, turned_off + 1
+    return turned_off
+
+
 def build_objective(cfg: Config) -> PreferenceObjective | None:
     if cfg.train.objective == "sft":
         return None
