@@ -184,7 +184,7 @@ def reference_cache_file(cfg: Config, pairs: list[Pair]) -> Path:
     and seed when built from scratch), the numerics of the pass and every token and target of the pairs."""
     model = {"config": cfg.model.config, "dtype": cfg.train.dtype, "attn": cfg.model.attn_implementation}
     if cfg.model.path is not None:
-        model["files"] = _file_fingerprint(Path(cfg.model.path))
+        model["files"] = _file_fingerprint(Path(cfg.model.path).expanduser())  # as the loader reads it
     else:
         model["seed"] = cfg.train.seed  # the random init
     digest = hashlib.sha256(json.dumps({"version": REFERENCE_CACHE_VERSION, "model": model}, sort_keys=True,
