@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tinymodels import TINY
 from zeropad.config import ModelConfig, build_config
 from zeropad.model.attention import ATTN_NAME
+from zeropad.errors import ConfigError
 from zeropad.model.load import build_model
 
 QWEN3 = {"model_type": "qwen3", **TINY}
@@ -58,6 +59,24 @@ def test_weights_from_path_or_seeded(tmp_path):
     emb = "model.embed_tokens.weight"
     assert torch.equal(seeded.state_dict()[emb], again.state_dict()[emb])
     assert not torch.equal(seeded.state_dict()[emb], read[emb])
+
+
+def test_an_override_the_checkpoint_config_lacks_is_refused(tmp_path):
+    """transformers drops an override its loaded config has no field for: a misspelt key changed nothing, silently."""
+    AutoConfig.for_model(**QWEN3).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"has no hiden_size \(did you mean hidden_size\?\)"):
+        build_model(ModelConfig(path=str(tmp_path), config={"hiden_size": 32}), device="meta")
+    model = build_model(ModelConfig(path=str(tmp_path), config={"num_hidden_layers": 1}), device="meta")
+    assert model.config.num_hidden_layers == 1
+
+
+def test_a_tokenizer_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):
+    from zeropad.demo.tokenizer import build_tokenizer
+    from zeropad.model.load import load_tokenizer
+
+    build_tokenizer(tmp_path / "tok")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(load_tokenizer(ModelConfig(tokenizer="~/tok"))) > 0  # it was taken for a hub repo id
 
 
 def test_lora_when_asked():

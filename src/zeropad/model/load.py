@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ def load_tokenizer(cfg: ModelConfig):
         raise ConfigError("model.tokenizer: no tokenizer given (set model.tokenizer or model.path)")
     if not Path(source).expanduser().is_dir():
         raise ConfigError(f"model.tokenizer: tokenizer directory not found: {source}")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(source).expanduser()), trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ZeropadError(f"{source}: the tokenizer has no eos_token; add one to tokenizer_config.json")
     return tokenizer
@@ -49,7 +51,10 @@ def build_model_config(cfg: ModelConfig) -> PretrainedConfig:
     path = _model_dir(cfg)
     overrides = dict(cfg.config)
     if path is not None:
-        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **overrides)
+        config, unused = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                                    return_unused_kwargs=True, **overrides)
+        _refuse_unknown(unused, config)
+        return config
     if "model_type" not in overrides:
         raise ConfigError("model.config.model_type: needed to build a model from scratch (e.g. qwen3)")
     model_type = overrides.pop("model_type")
@@ -57,6 +62,17 @@ def build_model_config(cfg: ModelConfig) -> PretrainedConfig:
         return AutoConfig.for_model(model_type, **overrides)
     except ValueError as err:
         raise ConfigError(f"model.config.model_type: {err}") from None
+
+
+def _refuse_unknown(keys, config: PretrainedConfig) -> None:
+    """Overrides a loaded config has no field for: transformers drops them, so they would change nothing. (From
+    scratch a key is kept as an attribute, which modeling code may read with getattr: not checked there.)"""
+    if keys:
+        known = [key for key in config.to_dict() if not key.startswith("_")]
+        hints = {key: difflib.get_close_matches(key, known, n=1) for key in keys}
+        named = ", ".join(f"{key}" + (f" (did you mean {hint[0]}?)" if hint else "") for key, hint in hints.items())
+        raise ConfigError(f"model.config: the checkpoint's {type(config).__name__} has no {named}, so the override "
+                          "would change nothing")
 
 
 def is_vision_language(config: PretrainedConfig) -> bool:
@@ -123,5 +139,6 @@ def check_vocab(model: PreTrainedModel, tokenizer) -> None:
     if len(tokenizer) > rows:
         raise ConfigError(
             f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; "
-            "use the model's own tokenizer or set model.config.vocab_size"
+            "use the model's own tokenizer (a model built from scratch takes model.config.vocab_size; a trained one's "
+            "embedding is not resized)"
         )
