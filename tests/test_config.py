@@ -31,6 +31,9 @@ def test_overrides_parse_yaml_scalars():
     assert build_config({}, ["train.lr=1e-3"]).train.lr == 1e-3
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["train.steps"])
+    # YAML 1.2's floats in untyped places too (PyYAML alone reads 1e-5 as a string, which reached transformers)
+    assert parse_overrides(["model.config.rms_norm_eps=1e-5", "model.config.rope_theta=1e6", "x=1e"]) == {
+        "model": {"config": {"rms_norm_eps": 1e-5, "rope_theta": 1e6}}, "x": "1e"}
 
 
 def test_yaml_file_and_the_issue_example(tmp_path):
@@ -44,6 +47,9 @@ def test_yaml_file_and_the_issue_example(tmp_path):
     )
     cfg = load_config(path, ["train.steps=5"])
     assert cfg.train.steps == 5 and cfg.train.lr == 1e-3 and cfg.data.sources[0].format == "alpaca"
+    floats = tmp_path / "floats.yaml"
+    floats.write_text("model:\n  config: {model_type: qwen3, rms_norm_eps: 1e-6}\n")
+    assert load_config(floats).model.config == {"model_type": "qwen3", "rms_norm_eps": 1e-6}
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
 

@@ -306,6 +306,22 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: 1e-5 and 1e6 are numbers (YAML 1.1 wants 1.0e-5 and reads them
+    as strings, which reached model.config and transformers as text)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['train.steps=10', 'pack.max_tokens=4096'] -> nested dict; values parsed as YAML scalars."""
     tree: dict = {}
@@ -314,7 +330,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw else None
+            value = _yaml(raw) if raw else None
         except (yaml.YAMLError, ValueError) as err:  # ValueError: YAML-looking values such as a bad date
             raise ConfigError(f"override '{key.strip()}': cannot parse the value {raw!r} ({err})") from None
         _set_dotted(tree, key.strip(), value)
@@ -347,7 +363,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = _yaml(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: invalid YAML: {err}") from None
         if not isinstance(loaded, dict):
