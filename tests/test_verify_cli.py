@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from tinymodels import tiny_model
 from zeropad.cli import app, main
+from zeropad.errors import ConfigError
 
 runner = CliRunner()
 
@@ -36,6 +37,13 @@ def test_verify_exit_code_is_1_on_fail(gemma2_dir):
     result = runner.invoke(app, ["verify", str(gemma2_dir), "--lengths", "5,17,3", "--tolerance", "0"])
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output
+
+
+@pytest.mark.parametrize("lengths", ["7,,3", "0,5", "x"])
+def test_bad_lengths_are_a_usage_error_not_a_fail(gemma2_dir, lengths):
+    """Exit 1 means the check failed: a bad --lengths is refused naming it (it was a traceback, exit 1)."""
+    result = runner.invoke(app, ["verify", str(gemma2_dir), "--lengths", lengths])
+    assert isinstance(result.exception, ConfigError) and "--lengths" in str(result.exception), result.output
 
 
 @pytest.mark.parametrize("model_type, reason", [("mamba", "state-space"), ("qwen3_next", "linear-attention")])

@@ -184,10 +184,16 @@ def verify(
     from zeropad.model.support import check_packable
     from zeropad.verify import check_exactness
 
+    try:
+        doc_lengths = [int(n) for n in lengths.split(",")]
+    except ValueError:
+        doc_lengths = []
+    if not doc_lengths or min(doc_lengths) < 1:
+        raise ConfigError(f"--lengths {lengths!r}: give comma-separated document lengths of at least 1 token")
     model_cfg = ModelConfig(path=str(model_dir), trust_remote_code=trust_remote_code)
     check_packable(build_model_config(model_cfg))  # refuse before loading any weights
     model = build_model(model_cfg).to(torch.float64)
-    report = check_exactness(model, [int(n) for n in lengths.split(",")], seed=seed, tolerance=tolerance)
+    report = check_exactness(model, doc_lengths, seed=seed, tolerance=tolerance)
     print("worst relative errors (max |packed - reference| / max |reference|, per tensor):")
     for name, rel in report.worst_tensors(5):
         print(f"  {rel:.2e}  {name}")

@@ -39,6 +39,8 @@ class Arch:
     # Outside the language model: a VLM's vision tower and projector, Chameleon's VQ-VAE. Included in
     # num_params (and num_trainable_params): they have model states; their activations are not modelled.
     num_image_params: int = 0
+    # A layer whose saved activations the planner's Llama/Qwen-style layer does not describe (None: it does)
+    unmodelled_layer: str | None = None
 
 
 def _text_params(model: torch.nn.Module) -> set[int]:
@@ -74,7 +76,9 @@ def arch_of(model: torch.nn.Module) -> Arch:
     weights = {n: p for n, p in params.items() if id(p) in text and p.ndim >= 2 and not n.endswith("bias")}
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is embedding
-    moe_intermediate = getattr(cfg, "moe_intermediate_size", 0) or 0
+    # an expert's width: its own field, or (Mixtral, gpt-oss: none) the MLP's intermediate_size
+    moe_intermediate = (getattr(cfg, "moe_intermediate_size", 0) or (getattr(cfg, "intermediate_size", 0) or 0)
+                        if num_experts else 0)
     shared = (getattr(cfg, "shared_expert_intermediate_size", 0) or 0) + (
         (getattr(cfg, "n_shared_experts", 0) or 0) * moe_intermediate)
     num_params = sum(p.numel() for p in params.values())
@@ -98,6 +102,9 @@ def arch_of(model: torch.nn.Module) -> Arch:
             sum(p.numel() for n, p in weights.items() if ".experts." in n), top_k, num_experts),
         max_layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
         num_image_params=sum(p.numel() for p in params.values() if id(p) not in text),
+        unmodelled_layer=("multi-head latent attention (low-rank q/kv projections, wider q/k heads)"
+                          if getattr(cfg, "kv_lora_rank", None) else
+                          "attention sinks and clamped, biased experts" if cfg.model_type == "gpt_oss" else None),
     )
 
 
