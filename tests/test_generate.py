@@ -46,6 +46,20 @@ def test_chat_streams_replies_keeps_history_and_resets(tmp_path, one_thread):
                              f"> (history cleared)\n> {first}\n> ")
 
 
+def test_chat_samples_with_a_seed(tmp_path, one_thread):
+    """`--seed` makes a sampled conversation repeat (chat had no seed: README promised one)."""
+    model_dir = _text_model(tmp_path / "model")
+
+    def run(seed: str) -> str:
+        result = CliRunner().invoke(app, ["chat", str(model_dir), "--max-new-tokens", "12", "--temperature", "1.5",
+                                          "--seed", seed, "--device", "cpu"], input="hello\nagain\n/exit\n")
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    first = run("1")
+    assert run("1") == first != run("2")
+
+
 def test_generate_samples_with_a_seed_and_greedy_ignores_it(tmp_path, one_thread):
     model_dir = _text_model(tmp_path / "model")
     prompts = tmp_path / "prompts.jsonl"

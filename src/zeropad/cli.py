@@ -269,16 +269,20 @@ def chat(
     max_new_tokens: int = typer.Option(256, min=1),
     temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; above 0: sampling."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: int = typer.Option(0, help="Sampling seed: the same turns give the same replies."),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on GPU, else float32), float32, bfloat16, float16."),
     chat_template_kwargs: str = typer.Option(None, help=_TEMPLATE_KWARGS_HELP),
 ) -> None:
     """Talk to a model in the terminal: replies stream as they are generated; /reset clears the history, /exit
     quits."""
+    import torch
+
     from zeropad.generate import Settings, chat_loop, load_chatter
 
     kwargs = _json_object("--chat-template-kwargs", chat_template_kwargs)
     chatter = load_chatter(model_dir, device, dtype, kwargs)
+    torch.manual_seed(seed)
     chat_loop(chatter, Settings(max_new_tokens, temperature, top_p), system, image, video)
 
 

@@ -204,7 +204,7 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
     if main:  # once resume has accepted the run: a refused one leaves the earlier run's config.json as it was
         with storage.writing("the run's config.json", output_dir):
             (output_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    logger = MetricsLogger(output_dir, cfg.log.tensorboard, enabled=main)
+    logger = MetricsLogger(output_dir, cfg.log.tensorboard, enabled=main, start=start)
     if start == 0:
         logger.log({"step": 0, "data": report.counts()})
     if guard.data_note is not None:  # resumed on changed data, as checkpoint.resume_data chose

@@ -134,7 +134,7 @@ def _causal_area(length: int, window: int | None) -> float:
 class MetricsLogger:
     """One JSON object per optimizer step in metrics.jsonl; TensorBoard scalars when asked."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool = True):
+    def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool = True, start: int = 0):
         self.path = output_dir / "metrics.jsonl"
         with storage.writing("the metrics log", self.path):
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,9 @@ class MetricsLogger:
         if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tb"))
+            # steps after `start` that tb/ holds from an earlier run or the run before a resume are hidden, as
+            # metrics.jsonl drops them
+            self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=start + 1)
 
     def log(self, record: dict) -> None:
         if self.file is None:
@@ -158,6 +160,7 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()  # a run stopped by a signal, bad steps or OOM never reaches close()
 
     def logged_loss(self, step: int) -> float:
         """The training loss metrics.jsonl holds for `step` (NaN if none): a run resumed at its last step trains
