@@ -168,3 +168,26 @@ def test_a_checkpoint_without_a_fingerprint_still_resumes(tiny_run, monkeypatch,
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     code, output = cli_train(monkeypatch, capsys, cfg, "resume=auto", "train.steps=3")
     assert code == 0 and "records no data fingerprint" in output, output
+
+
+def test_a_full_disk_while_trimming_metrics_on_resume_is_named_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The trim guard.resume does is a write like any other: named (what, where) and its partial file removed."""
+    import errno
+
+    from zeropad.errors import StorageError
+    from zeropad.train.guard import _trim_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 5)))
+    real_write = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)  # half of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(StorageError, match="metrics.jsonl, trimmed to the resumed step"):
+        _trim_metrics(metrics, 2)
+    monkeypatch.undo()
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert len(metrics.read_text().splitlines()) == 4  # untouched

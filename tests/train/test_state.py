@@ -256,6 +256,15 @@ def test_resuming_a_finished_run_re_reports_it_and_past_its_steps_is_refused(tra
     assert [step for step, _ in step_dirs(checkpoint_root(cfg.output_dir))] == [6, 8]
 
 
+def test_a_finished_run_resumed_logs_its_final_eval_once(tiny_run):
+    """metrics.jsonl reads as one run: the end-of-run eval record is not written a second time."""
+    cfg = build_config(tiny_run(train={"steps": 4}, eval={"split": 0.1}))
+    train(cfg)
+    train(cfg.model_copy(update={"resume": "auto"}))
+    lines = (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
+    assert sum("eval_loss" in json.loads(line) for line in lines) == 1
+
+
 def test_resume_with_more_steps_continues_and_names_the_config_change(trained, capsys):
     cfg, _ = trained
     longer = cfg.model_copy(update={"resume": "auto", "train": cfg.train.model_copy(update={"steps": 10})})

@@ -254,9 +254,10 @@ def _trim_metrics(path: Path, step: int | None) -> None:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    tmp, text = path.with_name(path.name + ".tmp"), "".join(kept)
+    with storage.writing("metrics.jsonl, trimmed to the resumed step", path, len(text.encode()), partial=tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def resume_command(argv: list[str]) -> str:

@@ -293,8 +293,9 @@ def _train(cfg: Config, stop: StopSignals, device: torch.device) -> TrainResult:
 
     if eval_set and (not cfg.eval.every_steps or cfg.train.steps % cfg.eval.every_steps):
         eval_loss = evaluate(model, eval_set, device, setup.autocast, loss_chunk_tokens, objective)
-        logger.log({"step": cfg.train.steps, "eval_loss": eval_loss,
-                    **(objective.metrics(device, "eval_") if objective is not None else {})})
+        if start < cfg.train.steps:  # a finished run resumed at its end has this record already
+            logger.log({"step": cfg.train.steps, "eval_loss": eval_loss,
+                        **(objective.metrics(device, "eval_") if objective is not None else {})})
     logger.close()
     return _save_final(cfg, model, tokenizer, processor, logger, guard, report, result.loss, eval_loss)
 
