@@ -100,6 +100,26 @@ def test_a_fault_is_named_and_resume_continues_exactly(case, reference, monkeypa
     assert_same_as(out, root / "reference")
 
 
+def test_an_oom_after_resuming_from_another_runs_checkpoint_saves_here(reference, monkeypatch, capsys):
+    """resume=PATH from another output_dir, then an OOM: the state before the step is saved in this run's
+    output_dir and resume=auto continues from it exactly (it named a checkpoint here that did not exist)."""
+    root, ref_cfg = reference
+    torch.set_num_threads(1)
+    out = root / "from-elsewhere"
+    cfg = {**ref_cfg, "output_dir": str(out)}
+    start = checkpoint_root(root / "reference") / "step_000004"
+    code, output = cli_train(monkeypatch, capsys, cfg, f"resume={start}", fault="step:oom@5")
+    assert code == 6, output
+    assert f"saved to {checkpoint_root(out) / 'step_000004'}" in output
+    assert (checkpoint_root(out) / "step_000004" / MANIFEST).is_file()
+    code, output = cli_train(monkeypatch, capsys, cfg, "resume=auto")
+    assert code == 0, output
+    ref = {r["step"]: r for r in step_records(root / "reference")}
+    assert [(r["step"], r["loss"]) for r in step_records(out)] == [(5, ref[5]["loss"])]  # bitwise
+    weights, ref_weights = (load_file(d / "final/model.safetensors") for d in (out, root / "reference"))
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
 def test_too_little_space_is_refused_before_any_compute(tiny_run, monkeypatch, capsys):
     cfg = tiny_run("low", checkpoint={"keep": 2})
     code, output = cli_train(monkeypatch, capsys, cfg, fault="free:100000")

@@ -120,7 +120,9 @@ class RunGuard:
             supersede_newer(root, self.position.step, self.say)
         self.loader.epoch, self.loader.index = self.position.epoch, self.position.index
         self.step_start = self.step_end = (self.position.epoch, self.position.index)
-        self.saved_step = self.position.step
+        # saved already, unless the checkpoint lies in another run's output_dir (resume=PATH): then this run's own
+        # first one (at an OOM, a stop, or the end) is written here, where resume=auto finds it
+        self.saved_step = self.position.step if path.resolve() == self.checkpoint_path().resolve() else None
         if distributed.is_main():  # rank 0 alone writes metrics.jsonl
             _trim_metrics(self.output_dir / "metrics.jsonl", self.position.step)
         distributed.barrier()
