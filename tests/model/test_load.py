@@ -68,6 +68,12 @@ def test_an_override_the_checkpoint_config_lacks_is_refused(tmp_path):
         build_model(ModelConfig(path=str(tmp_path), config={"hiden_size": 32}), device="meta")
     model = build_model(ModelConfig(path=str(tmp_path), config={"num_hidden_layers": 1}), device="meta")
     assert model.config.num_hidden_layers == 1
+    AutoConfig.for_model(**VLM).save_pretrained(tmp_path / "vlm")  # a VLM's language-model fields are nested
+    with pytest.raises(ConfigError, match=r"has no max_position_embeddings \(did you mean text_config"):
+        build_model(ModelConfig(path=str(tmp_path / "vlm"), config={"max_position_embeddings": 512}), device="meta")
+    nested = {"text_config": {"max_position_embeddings": 512}}
+    assert build_model(ModelConfig(path=str(tmp_path / "vlm"), config=nested), device="meta").config.text_config \
+        .max_position_embeddings == 512
 
 
 def test_a_tokenizer_path_with_a_tilde_is_expanded(tmp_path, monkeypatch):

@@ -69,7 +69,10 @@ def _refuse_unknown(keys, config: PretrainedConfig) -> None:
     scratch a key is kept as an attribute, which modeling code may read with getattr: not checked there.)"""
     if keys:
         known = [key for key in config.to_dict() if not key.startswith("_")]
-        hints = {key: difflib.get_close_matches(key, known, n=1) for key in keys}
+        # a VLM's language-model fields live in its text_config (vision_config): nested, the override applies
+        nested = {key: f"{sub}.{key}" for sub in ("text_config", "vision_config") for key in keys
+                  if isinstance(getattr(config, sub, None), PretrainedConfig) and hasattr(getattr(config, sub), key)}
+        hints = {key: [nested[key]] if key in nested else difflib.get_close_matches(key, known, n=1) for key in keys}
         named = ", ".join(f"{key}" + (f" (did you mean {hint[0]}?)" if hint else "") for key, hint in hints.items())
         raise ConfigError(f"model.config: the checkpoint's {type(config).__name__} has no {named}, so the override "
                           "would change nothing")
